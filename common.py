@@ -222,6 +222,9 @@ def _atomic_write(path: Path, write_fn) -> None:
     os.close(fd)
     try:
         write_fn(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -487,12 +490,14 @@ def _ars_policies(env: str, seed: int, budget: int | None, pool: _Pool, verbose:
     snaps = run["snapshots"]
     best = max(range(len(snaps)), key=lambda i: snaps[i]["eval_return"])
     expert = snaps[best]
-    medium = min(snaps[: best + 1], key=lambda s: abs(s["eval_return"] - expert["eval_return"] / 3.0))
+    # the medium snapshot: closest to 1/3 of the expert return, after at least one ARS update
+    candidates = [s for s in snaps[: best + 1] if s["history_len"] > 0] or [snaps[-1]]
+    medium = min(candidates, key=lambda s: abs(s["eval_return"] - expert["eval_return"] / 3.0))
     if verbose:
         print(f"[seqrl] ARS: {run['steps']} steps; expert snapshot return {expert['eval_return']:.0f} "
               f"(iteration {expert['iteration']}), medium snapshot {medium['eval_return']:.0f} "
               f"(iteration {medium['iteration']})", flush=True)
-    replay = _concat(run["history"][: medium["history_len"]])
+    replay = _concat(run["history"][: medium["history_len"] or len(run["history"])])
     z = {f"{p}_{k}": np.asarray(s[k]) for p, s in (("medium", medium), ("expert", expert))
          for k in ("M", "mean", "std", "eval_return")}
     z.update({f"replay_{k}": v for k, v in replay.items()})
