@@ -396,7 +396,10 @@ class _Pool:
     """Process pool for rollouts (deterministic: results come back in job order)."""
     def __init__(self, workers: int | None):
         self.workers = workers or max(1, min(os.cpu_count() or 1, 8))
-        self.pool = mp.get_context("spawn").Pool(self.workers) if self.workers > 1 else None
+        # fork where available: workers only run numpy + MuJoCo, and fork (unlike spawn) works
+        # from scripts without an `if __name__ == "__main__"` guard
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        self.pool = ctx.Pool(self.workers) if self.workers > 1 else None
 
     def map(self, jobs):
         if self.pool is None:

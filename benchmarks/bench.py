@@ -55,7 +55,8 @@ def table(results: list) -> str:
     lines = ["| row | metric | value | unit | setting | notes |", "|---|---|---|---|---|---|"]
     for r in results:
         v = r["value"]
-        v = f"{v:.4g}" if isinstance(v, float) else v
+        if isinstance(v, float):
+            v = f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
         lines.append(f"| {r['row']} | {r['metric']} | {v} | {r.get('unit', '')} | "
                      f"{r.get('setting', '')} | {r.get('notes', '')} |")
     return "\n".join(lines)
