@@ -449,8 +449,9 @@ class ADTransformer(nn.Module):
 @torch.no_grad()
 def in_context_returns(model: ADTransformer, variant: str, tasks, n_episodes: int, ctx: int, seed: int = 0,
                        argmax: bool = False, use_cache: bool = True, bf16: bool = False,
-                       progress: bool = False) -> np.ndarray:
-    """Roll `model` on every task at once for `n_episodes` episodes; returns (N, n_episodes).
+                       progress: bool = False, return_actions: bool = False):
+    """Roll `model` on every task at once for `n_episodes` episodes; returns (N, n_episodes)
+    (and the actions (N, n_episodes * T) with return_actions).
     The window holds the current episode plus up to ctx-1 previous ones. With the cache each
     step feeds one token; when an episode starts on a full window the oldest episode is dropped
     and the cache is rebuilt from the remaining ctx-1 episodes with one prefill, so the cached
@@ -494,6 +495,8 @@ def in_context_returns(model: ADTransformer, variant: str, tasks, n_episodes: in
                 obs, r, _ = env.step(a.cpu().numpy())                     # the numpy env needs the actions
                 prev_a, prev_r = a, torch.as_tensor(r, device=device)
                 returns[:, ep] += r
+    if return_actions:
+        return returns, torch.cat([pa_buf[:, 1:], prev_a[:, None]], 1).cpu().numpy()
     return returns
 
 

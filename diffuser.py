@@ -434,6 +434,14 @@ class Planner:
             (g,) = torch.autograd.grad(y.sum(), x)
         return y.detach(), g
 
+    def guide(self, x, state, t: int):
+        """Eq. 3: n_guide_steps times x <- x + alpha * Sigma_t * grad J(x, t), state re-inpainted."""
+        a, d = self.args, self.diff
+        for _ in range(a.n_guide_steps):
+            _, g = self.value_grad(x, t)
+            x = d.inpaint(x + a.guide_scale * d.posterior_variance[t] * g, state)
+        return x
+
     def denoise(self, x, state, t_start: int, guide: bool = True):
         """Run denoising steps t = t_start-1 .. 0 from x = x_{t_start}, inpainting `state` after
         every change of x. Guidance (Eq. 3): before each step, n_guide_steps times
@@ -442,9 +450,7 @@ class Planner:
         x = d.inpaint(x, state)
         for t in reversed(range(t_start)):
             if guide and a.guide_scale > 0 and t >= a.t_stopgrad:
-                for _ in range(a.n_guide_steps):
-                    _, g = self.value_grad(x, t)
-                    x = d.inpaint(x + a.guide_scale * d.posterior_variance[t] * g, state)
+                x = self.guide(x, state, t)
             with self._autocast():
                 x0_hat = self.model(x, torch.full((x.shape[0],), t, device=x.device)).float()
             x = d.step_mean(x0_hat, x, t)
@@ -471,7 +477,8 @@ class Planner:
             x0 = shifted.repeat_interleave(P, 0)                                     # (n P, H, D)
             x = d.q_sample(x0, torch.full((n * P,), k - 1, device=self.device), torch.randn_like(x0))
         x = self.denoise(x, s, k)
-        values, _ = self.value_grad(x, 0)
+        with self._autocast():
+            values = self.value(x, torch.zeros(n * P, device=self.device)).float()  # J(tau, t=0)
         best = values.view(n, P).argmax(1)                                           # (n,)
         plans = x.view(n, P, *shape[1:])[torch.arange(n, device=self.device), best]  # (n, H, D)
         return plans, values.view(n, P).max(1).values

@@ -6,15 +6,15 @@ What this file reproduces
      value target (discounted reward-to-go from the next step, gamma 0.99, reward at a true
      terminal replaced by -100). Training samples are 24-step chunks; steps past the end of an
      episode are padding (done = 1, no reconstruction loss).
-  2. A state-conditional VQ-VAE (paper Sec. 3.1): a causal transformer encoder, max-pooled
-     every L = 3 steps (8 latent codes per chunk), a codebook of K = 512 vectors updated by
+  2. A state-conditional VQ-VAE (paper, method section): a causal transformer encoder,
+     max-pooled every L = 3 steps (8 latent codes per chunk), a codebook of K = 512 vectors updated by
      exponential moving averages (decay 0.99), straight-through gradients. The decoder gets
      (current state, codes), repeats each code L times, and decodes causally, so a prefix of
      codes decodes into a prefix of the trajectory. Loss: weighted MSE (action x5) + BCE on
      done + commitment.
   3. An autoregressive transformer prior over the codes of the frozen encoder, conditioned on
-     the current state (state embedding added at every position) (paper Sec. 3.2).
-  4. Planning (paper Sec. 3.3): beam search in latent space over H / L codes (H = 15 -> 5
+     the current state (state embedding added at every position) (paper, method: prior).
+  4. Planning (paper, method: planning): beam search in latent space over H / L codes (H = 15 -> 5
      codes), beam 64 x expand 4, candidate codes sampled from the prior, every prefix decoded
      and scored by
          objective = sum_t gamma^t r_t + gamma^T R_{T-1}
@@ -24,7 +24,10 @@ What this file reproduces
      return decides; less likely plans lose 500 per nat below it. This is the official
      code's `beam_with_prior` (clamp(acc_logp, -1e5, log(threshold) * steps // latent_step),
      the cap uses the number of codes of the full plan at every search depth). The first
-     action of the best plan is executed and the agent replans every step. Prior sampling
+     action of the best plan is executed and the agent replans every step. Prefixes are
+     extended with key-value caches (prior and decoder are causal), so each search depth costs
+     one prior token per beam and L decoder steps per candidate; tests check the result equals
+     the official re-decoding of every prefix. Prior sampling
      (`--planner sample`: sample full code sequences from the prior, keep the best) is the
      paper's alternative. Both are batched over all evaluation episodes at once.
 
@@ -114,7 +117,7 @@ class Args:
     """bfloat16 autocast for forward passes"""
     run_dir: Optional[str] = None
     """run folder (default runs/{env}__{exp_name}__{seed}__{time})"""
-    # data (paper Sec. 4 / official config)
+    # data (official config/vqvae.py)
     seq_len: int = 24
     """steps per training chunk (official subsampled_sequence_length 25 -> 24 input steps)"""
     discount: float = 0.99
@@ -244,6 +247,19 @@ class Block(nn.Module):
         x = x + self.drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))  # (B, T, C)
         return x + self.mlp(self.ln2(x))
 
+    def cached(self, x, past=None):
+        """Inference on new positions x (B, T, C) after cached keys / values past = (k, v) of
+        (B, h, P, C/h): returns (output, (k, v) of all P + T positions). Same result as forward()."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
+        if past is not None:
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)  # (B, h, P+T, C/h)
+        P = k.shape[2] - T
+        mask = torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P)  # new step i sees 0..P+i
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return x + self.mlp(self.ln2(x)), (k, v)
+
 
 class EMACodebook(nn.Module):
     """VQ codebook with EMA updates (van den Oord et al. 2017, App. A.1; TAP Sec. 3.1)."""
@@ -281,7 +297,7 @@ class EMACodebook(nn.Module):
 
 
 class VQVAE(nn.Module):
-    """State-conditional VQ-VAE over [s, a, r, R, done] chunks (paper Sec. 3.1, Fig. 1)."""
+    """State-conditional VQ-VAE over [s, a, r, R, done] chunks (paper, method section)."""
 
     def __init__(self, obs_dim: int, act_dim: int, a: Args):
         super().__init__()
@@ -315,13 +331,30 @@ class VQVAE(nn.Module):
         out = self.predict(self.ln_f(h))  # (B, M*L, D)
         return torch.cat([out[..., : self.obs_dim] + state[:, None], out[..., self.obs_dim:]], -1)  # states relative to s_0 (official)
 
+    @torch.no_grad()
+    def decode_next(self, z, state, past=None):
+        """Decode one more code with a key-value cache: z (B, code_dim) is code number
+        len(past) / L -> (B, L, D) with done as a probability, and the extended cache. Equal to
+        the matching L steps of decode_codes (the decoder is causal), at the cost of L positions."""
+        P = 0 if past is None else past[0][0].shape[2]
+        h = self.latent_mixing(torch.cat([state, z], -1))[:, None].expand(-1, self.L, -1)  # (B, L, C)
+        h = h + self.pos_emb[:, P: P + self.L]
+        new = []
+        for i, blk in enumerate(self.decoder):
+            h, kv = blk.cached(h, None if past is None else past[i])
+            new.append(kv)
+        out = self.predict(self.ln_f(h))  # (B, L, D)
+        out = torch.cat([out[..., : self.obs_dim] + state[:, None], out[..., self.obs_dim: -1],
+                         torch.sigmoid(out[..., -1:])], -1)
+        return out, new
+
     def decode_codes(self, idx, state):
         """idx (B, M) code indices -> (B, M*L, D) with done as a probability."""
         out = self.decode(self.codebook.embedding[idx], state)
         return torch.cat([out[..., :-1], torch.sigmoid(out[..., -1:])], -1)
 
     def forward(self, x, mask, action_weight: float):
-        """Reconstruction + BCE + commitment losses of a batch (paper Sec. 3.1)."""
+        """Reconstruction + BCE + commitment losses of a batch (paper, method: state-conditional VQ-VAE)."""
         z_e = self.encode(x)
         z_st, z_q, idx = self.codebook(z_e)
         out = self.decode(z_st, x[:, 0, : self.obs_dim])
@@ -334,7 +367,7 @@ class VQVAE(nn.Module):
 
 
 class Prior(nn.Module):
-    """Autoregressive transformer over codes, p(z_j | z_<j, s_0) (paper Sec. 3.2)."""
+    """Autoregressive transformer over codes, p(z_j | z_<j, s_0) (paper, method: prior)."""
 
     def __init__(self, obs_dim: int, a: Args):
         super().__init__()
@@ -356,6 +389,20 @@ class Prior(nn.Module):
         h = self.drop(tok + self.pos_emb[:, : t + 1] + self.state_emb(state)[:, None])  # state added at every position
         return self.head(self.ln_f(self.blocks(h)))
 
+    @torch.no_grad()
+    def next_logits(self, idx, state, past=None):
+        """Key-value-cached forward: idx (B,) the newest code (None at the start) -> logits of the
+        next code (B, K) and the extended cache. Equal to forward(...)[:, -1]."""
+        P = 0 if past is None else past[0][0].shape[2]
+        tok = self.tok_emb(idx) if idx is not None else torch.zeros(state.shape[0], self.tok_emb.embedding_dim,
+                                                                      device=state.device)
+        h = (tok + self.pos_emb[0, P] + self.state_emb(state))[:, None]  # (B, 1, d)
+        new = []
+        for i, blk in enumerate(self.blocks):
+            h, kv = blk.cached(h, None if past is None else past[i])
+            new.append(kv)
+        return self.head(self.ln_f(h))[:, 0], new
+
 
 def _init_weights(m):
     if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -375,19 +422,35 @@ def make_optimizer(model: nn.Module, a: Args):
 # --------------------------------------------------------------------------------------
 # Planner
 # --------------------------------------------------------------------------------------
+def rewards_values(pred, stats):
+    """Denormalized rewards r_t and values R_t (N, T) of decoded steps pred (N, T, D)."""
+    r = pred[..., -3] * stats["std"][-2] + stats["mean"][-2]
+    v = pred[..., -2] * stats["std"][-1] + stats["mean"][-1]
+    return r, v
+
+
+def likelihood_bonus(logp, n_codes_plan: int, threshold: float, weight: float):
+    """weight * min(log p(z), n_codes_plan * log threshold) (official beam_with_prior): a cap, so
+    plans above the threshold tie on it and are ranked by return; less likely plans are penalized."""
+    return weight * torch.clamp(logp, max=n_codes_plan * math.log(threshold))
+
+
 def plan_objective(pred, logp, stats, discount: float, n_codes_plan: int, threshold: float, weight: float):
-    """pred (N, T, D) normalized decoded steps, logp (N,) joint prior log-prob -> objective (N,).
-    sum_{t<T} gamma^t r_t + gamma^T R_{T-1} + weight * min(logp, n_codes_plan * log(threshold))."""
-    r = pred[..., -3] * stats["std"][-2] + stats["mean"][-2]  # (N, T) denormalized rewards
-    v = pred[:, -1, -2] * stats["std"][-1] + stats["mean"][-1]  # (N,) value of the last step
+    """pred (N, T, D) normalized decoded steps, logp (N,) joint prior log-prob -> objective (N,)
+    = sum_{t<T} gamma^t r_t + gamma^T R_{T-1} + likelihood bonus (paper, method: planning)."""
+    r, v = rewards_values(pred, stats)
     T = pred.shape[1]
     disc = discount ** torch.arange(T, device=pred.device, dtype=pred.dtype)
-    ret = (r * disc).sum(1) + discount ** T * v
-    return ret + weight * torch.clamp(logp, max=n_codes_plan * math.log(threshold))
+    return (r * disc).sum(1) + discount ** T * v[:, -1] + likelihood_bonus(logp, n_codes_plan, threshold, weight)
+
+
+def _take(cache, rows):
+    """Select rows of a per-layer list of (k, v) caches."""
+    return [(k[rows], v[rows]) for k, v in cache]
 
 
 class Planner:
-    """Batched latent-space planner (paper Sec. 3.3); call it on (E, obs) raw observations."""
+    """Batched latent-space planner (paper, method: planning); call it on (E, obs) raw observations."""
 
     def __init__(self, vqvae: VQVAE, prior: Prior, stats: dict, a: Args, act_low, act_high, device):
         self.vqvae, self.prior, self.a, self.device = vqvae.eval(), prior.eval(), a, device
@@ -402,35 +465,48 @@ class Planner:
         self.gen = torch.Generator(device=device)
         self.gen.manual_seed(a.seed)
 
-    def _score(self, idx, state, logp):
-        pred = self.vqvae.decode_codes(idx, state).float()  # (N, k*L, D)
-        a = self.a
-        return plan_objective(pred, logp, self.stats, a.discount, self.n_plan, a.prob_threshold, a.prob_weight), pred
-
-    def _sample(self, idx, state, n):
-        """n codes from p(. | idx, state) per row -> codes (N, n), their log-probs (N, n)."""
-        logp_all = F.log_softmax(self.prior(idx, state)[:, -1].float(), -1)  # (N, K)
-        codes = torch.multinomial(logp_all.exp(), n, replacement=True, generator=self.gen)  # (N, n)
+    def _draw(self, logits, n):
+        """n codes per row from softmax(logits) (N, K) -> codes (N, n), log-probs (N, n)."""
+        logp_all = F.log_softmax(logits.float(), -1)
+        codes = torch.multinomial(logp_all.exp(), n, replacement=True, generator=self.gen)
         return codes, logp_all.gather(1, codes)
 
     @torch.no_grad()
     def beam(self, s):
-        """s (E, obs) normalized -> best decoded plan (E, H', D): beam_with_prior of the official code."""
-        a, E = self.a, s.shape[0]
-        idx = torch.zeros(E, 0, dtype=torch.long, device=s.device)
-        logp, n_beam = torch.zeros(E, 1, device=s.device), 1
+        """s (E, obs) normalized -> first decoded step (E, D) of the best plan.
+
+        The official beam_with_prior: at depth k every beam draws n_expand codes from the prior
+        (beam_width * n_expand at k = 0), every candidate prefix is decoded and scored, the best
+        beam_width per state survive, and the best single plan at the last depth. Because the
+        prior and the decoder are causal, a candidate only computes its new code (prior) and its
+        L new steps (decoder) on top of its parent's key-value caches; the result is the same as
+        re-decoding every prefix from scratch (see tests/test_tap.py)."""
+        a, E, L, dev = self.a, s.shape[0], self.vqvae.L, s.device
+        logits, p_cache = self.prior.next_logits(None, s)  # (E, K): p(z_1 | s_0)
+        d_cache, n_beam = None, 1
+        ret, logp = torch.zeros(E, device=dev), torch.zeros(E, device=dev)
         for k in range(self.n_plan):
             n = a.beam_width * a.n_expand if k == 0 else a.n_expand
-            st = s.repeat_interleave(n_beam, 0)  # (E*n_beam, obs)
-            codes, lp = self._sample(idx, st, n)  # (E*n_beam, n)
-            idx = torch.cat([idx.repeat_interleave(n, 0), codes.reshape(-1, 1)], 1)  # (E*n_beam*n, k+1)
-            logp = (logp.reshape(-1, 1) + lp).reshape(E, -1)  # (E, n_beam*n)
-            score, pred = self._score(idx, s.repeat_interleave(n_beam * n, 0), logp.reshape(-1))
+            codes, lp = self._draw(logits, n)  # (E*n_beam, n)
+            parent = torch.arange(E * n_beam, device=dev).repeat_interleave(n)  # candidate -> its beam
+            codes, logp_c = codes.reshape(-1), logp[parent] + lp.reshape(-1)  # (E*n_beam*n,)
+            st = s.repeat_interleave(n_beam * n, 0)  # (E*n_beam*n, obs)
+            out, d_new = self.vqvae.decode_next(self.vqvae.codebook.embedding[codes], st,
+                                                None if d_cache is None else _take(d_cache, parent))
+            r, v = rewards_values(out.float(), self.stats)  # (N, L) steps k*L .. k*L+L-1
+            disc = a.discount ** torch.arange(k * L, (k + 1) * L, device=dev, dtype=r.dtype)
+            ret_c = ret[parent] + (r * disc).sum(1)  # sum_{t<T} gamma^t r_t, T = (k+1) L
+            score = ret_c + a.discount ** ((k + 1) * L) * v[:, -1] + \
+                likelihood_bonus(logp_c, self.n_plan, a.prob_threshold, a.prob_weight)
             keep = a.beam_width if k < self.n_plan - 1 else 1
-            top = score.view(E, -1).topk(min(keep, score.numel() // E), 1).indices  # (E, keep)
-            flat = (top + torch.arange(E, device=s.device)[:, None] * (n_beam * n)).reshape(-1)
-            idx, logp, pred, n_beam = idx[flat], logp.gather(1, top), pred[flat], top.shape[1]
-        return pred  # (E, H', D)
+            top = score.view(E, -1).topk(min(keep, n_beam * n), 1).indices  # (E, keep)
+            sel = (top + torch.arange(E, device=dev)[:, None] * (n_beam * n)).reshape(-1)
+            first = out[sel, 0] if k == 0 else first[parent[sel]]  # (E*keep, D) first step of each beam
+            ret, logp, d_cache, n_beam = ret_c[sel], logp_c[sel], _take(d_new, sel), top.shape[1]
+            if k < self.n_plan - 1:  # the prior's distribution of the next code of every kept beam
+                logits, p_cache = self.prior.next_logits(codes[sel], s.repeat_interleave(n_beam, 0),
+                                                         _take(p_cache, parent[sel]))
+        return first  # (E, D)
 
     @torch.no_grad()
     def sample(self, s):
@@ -440,11 +516,12 @@ class Planner:
         idx = torch.zeros(E * n, 0, dtype=torch.long, device=s.device)
         logp = torch.zeros(E * n, device=s.device)
         for _ in range(self.n_plan):
-            codes, lp = self._sample(idx, st, 1)
+            codes, lp = self._draw(self.prior(idx, st)[:, -1], 1)
             idx, logp = torch.cat([idx, codes], 1), logp + lp[:, 0]
-        score, pred = self._score(idx, st, logp)
+        pred = self.vqvae.decode_codes(idx, st).float()  # (E*n, H', D)
+        score = plan_objective(pred, logp, self.stats, a.discount, self.n_plan, a.prob_threshold, a.prob_weight)
         best = score.view(E, n).argmax(1) + torch.arange(E, device=s.device) * n
-        return pred[best]
+        return pred[best, 0]  # (E, D)
 
     def act(self, obs):
         """obs (E, obs_dim) raw -> first action of the best plan (E, act_dim), within bounds."""
@@ -453,7 +530,7 @@ class Planner:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.a.bf16):
             plan = self.beam(s) if self.a.planner == "beam" else self.sample(s)
         sl = slice(self.obs_dim, self.obs_dim + self.act_dim)
-        act = plan[:, 0, sl].float() * std[sl] + mean[sl]  # first action executed; replan every step
+        act = plan[:, sl].float() * std[sl] + mean[sl]  # first action executed; replan every step
         return torch.maximum(torch.minimum(act, self.high), self.low)
 
     __call__ = act
@@ -571,7 +648,7 @@ def main(argv=None) -> dict:
                            "losses/done_bce": bce.item(), "losses/commitment": commit.item(), "charts/SPS": sps}
                 logger.log(vq_step, **metrics)
                 bar.set_postfix(stage="vqvae", loss=f"{loss.item():.4f}")
-        vqvae.eval()  # frozen encoder for the prior (paper Sec. 3.2)
+        vqvae.eval()  # frozen encoder for the prior (paper, method: prior)
         prior.train()
         while prior_step < a.prior_steps and a.stage in ("prior", "both"):
             x, _ = chunks.sample(a.batch_size, gen)

@@ -123,6 +123,8 @@ class Args:
     """linear warmup, fraction of total_steps (official: 1 of 50 epochs)"""
     decay_frac: float = 0.4
     """cosine decay to 10% ends here, fraction of total_steps (official: 20 of 50 epochs)"""
+    time_budget_min: Optional[float] = None
+    """stop training after this many minutes (CPU budget runs; the schedule keeps total_steps)"""
     # --- planning (Sec. 3.3) ---
     horizon: Optional[int] = None
     """planning horizon H (default 15, or the official per-dataset override)"""
@@ -355,16 +357,19 @@ class GPT(nn.Module):
             if isinstance(m, nn.Linear) and m.bias is not None:
                 nn.init.zeros_(m.bias)
 
+    def offset_tokens(self, idx, pos0: int = 0):
+        """Per-dimension vocabularies: token i of dimension d -> i + d * N; stop (N) -> N * D."""
+        dim = torch.arange(pos0, pos0 + idx.shape[1], device=idx.device) % self.D
+        return torch.where(idx == self.N, self.N * self.D, idx + dim * self.N)
+
     def forward(self, idx, pos0: int = 0, cache: Optional[KVCache] = None, last_only: bool = False):
         """idx (B, T): tokens at window positions pos0..pos0+T-1 -> logits (B, T or 1, N+1)
         over the NEXT token. With a cache, positions < pos0 come from it."""
         B, T = idx.shape
         if pos0 + T > self.block_size:
             raise ValueError(f"window of {pos0 + T} tokens exceeds the block size {self.block_size}")
-        pos = torch.arange(pos0, pos0 + T, device=idx.device)
-        dim = pos % self.D
-        tok = torch.where(idx == self.N, self.N * self.D, idx + dim * self.N)   # offset tokens
-        x = self.drop(self.tok_emb(tok) + self.pos_emb[pos0:pos0 + T])         # (B, T, C)
+        dim = torch.arange(pos0, pos0 + T, device=idx.device) % self.D          # dimension of each token
+        x = self.drop(self.tok_emb(self.offset_tokens(idx, pos0)) + self.pos_emb[pos0:pos0 + T])  # (B, T, C)
         mask = self.mask[pos0:pos0 + T, :pos0 + T]                             # (T, S)
         for i, blk in enumerate(self.blocks):
             x = blk(x, mask, cache, i, pos0)
@@ -573,7 +578,7 @@ def run_eval(model, disc, args: Args, device, seed: int) -> dict:
     return {"eval/return_mean": float(res["returns"].mean()), "eval/return_std": float(res["returns"].std()),
             "eval/normalized_score": float(np.mean(res["normalized"])),
             "eval/length_mean": float(res["lengths"].mean()),
-            "eval/seconds_per_decision": (time.time() - t) / max(1, int(res["lengths"].max())),
+            "eval/seconds_per_step": (time.time() - t) / max(1, int(res["lengths"].max())),  # all envs planned at once
             "eval/env_steps": steps}
 
 
@@ -589,7 +594,7 @@ def main(argv=None) -> dict:
     if args.eval_only:
         if args.checkpoint is None:
             raise ValueError("--eval-only needs --checkpoint PATH (a checkpoint.pt written by tt.py)")
-        ck = common.load_checkpoint(args.checkpoint, device, required=("model", "thresholds", "args"))
+        ck = common.load_checkpoint(args.checkpoint, "cpu", required=("model", "thresholds", "args"))
         saved = Args(**ck["args"])
         if (ck["obs_dim"], ck["act_dim"]) != (obs_dim, act_dim):
             raise ValueError(f"checkpoint is for obs/act dims {ck['obs_dim']}/{ck['act_dim']} "
@@ -610,7 +615,7 @@ def main(argv=None) -> dict:
     # ---- data (Sec. 3.1) ----
     data = common.load_dataset(args.env, args.dataset, path=args.dataset_path)
     joined, lengths = build_transitions(data, args.discount, args.termination_penalty)   # (M, D)
-    ck = common.load_checkpoint(args.resume, device) if args.resume else None
+    ck = common.load_checkpoint(args.resume, "cpu", required=("model", "optimizer", "rng")) if args.resume else None
     disc = Discretizer(ck["thresholds"] if ck else Discretizer.fit(joined, args.n_bins, args.discretizer).th)
     tokens = disc.discretize(torch.as_tensor(joined)).numpy()                            # (M, D)
     disc.to(device)
@@ -628,7 +633,7 @@ def main(argv=None) -> dict:
         sched.load_state_dict(ck["scheduler"])
         step = ck["step"]
         common.set_rng_state(ck["rng"])
-        sampler.gen.set_state(ck["sampler_rng"].to(sampler.gen.get_state().device))
+        sampler.gen.set_state(ck["sampler_rng"])
     logger = common.RunLogger(args, "tt", args.run_dir, tensorboard=args.tensorboard, track=args.track)
     ckpt_path = logger.dir / "checkpoint.pt"
 
@@ -646,6 +651,9 @@ def main(argv=None) -> dict:
     model.train()
     try:
         while step < args.total_steps:
+            if args.time_budget_min and time.time() - t0 > 60 * args.time_budget_min:
+                print(f"\n[tt] time budget of {args.time_budget_min} min reached at step {step}")
+                break
             x, y, mask = sampler.sample(args.batch_size)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
                 loss = model.loss(x, y, mask, weights)

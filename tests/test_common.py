@@ -269,3 +269,14 @@ def test_cli_prints_a_summary(tiny_dataset):
     out = subprocess.run([sys.executable, str(ROOT / "common.py"), "dataset", "--env", "hopper", "--path", str(path)],
                          capture_output=True, text=True, check=True).stdout
     assert "3000 transitions" in out and "D4RL-normalized mean" in out
+
+
+def test_d4rl_hdf5_file_loads(tmp_path):
+    h5py = pytest.importorskip("h5py")
+    d = _valid()
+    with h5py.File(tmp_path / "d.hdf5", "w") as f:
+        for k, v in d.items():
+            f[k] = v
+        f["infos/qpos"] = np.zeros((len(v), 3))  # extra D4RL groups are ignored
+    back = common.load_dataset("hopper", path=tmp_path / "d.hdf5")
+    np.testing.assert_allclose(back["observations"], d["observations"], rtol=1e-6)

@@ -1,0 +1,106 @@
+"""Benchmarks of qvpo.py: update throughput (paper and CPU settings), peak memory, and the
+batched sampler against a per-state loop."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+import common
+import qvpo
+from bench import median_time
+
+# (env, flags) of the measured settings; the CPU setting is the documented quick-run one
+PAPER = ("hopper", [])  # hidden 256, T 20, 64 samples, batch 256 (the Args defaults)
+CPU = ("InvertedPendulum-v5", ["--hidden", "64", "--n-timesteps", "5", "--n-train-samples", "16",
+                               "--batch-size", "32"])
+QUICK = ["--hidden", "32", "--n-timesteps", "4", "--n-train-samples", "8", "--batch-size", "16"]
+
+
+def _setup(env, flags, device="cpu"):
+    args = common.parse_args(qvpo.Args, ["--env", env, "--no-cuda"] + flags)
+    obs_dim, act_dim = common.env_dims(env)
+    torch.manual_seed(0)
+    agent = qvpo.Agent(obs_dim, act_dim, args, torch.device(device))
+    buf = qvpo.ReplayBuffer(4096, obs_dim, act_dim, torch.device(device))
+    rng = np.random.default_rng(0)
+    for _ in range(4096):
+        buf.add(rng.normal(size=obs_dim), rng.uniform(-1, 1, act_dim), rng.normal(), rng.normal(size=obs_dim),
+                False, False)
+    return args, agent, buf, torch.Generator(device).manual_seed(0)
+
+
+def _update_time(env, flags, repeats):
+    args, agent, buf, gen = _setup(env, flags)
+    fn = lambda: agent.update(buf.sample(args.batch_size, gen), 0.01, gen)
+    return args, median_time(fn, repeats=repeats, warmup=1)
+
+
+def _setting(args, env):
+    return (f"{env}, hidden {args.hidden}, T {args.n_timesteps}, {args.n_train_samples} samples/state, "
+            f"batch {args.batch_size}{', bf16' if args.bf16 else ''}")
+
+
+def update_speed(quick: bool):
+    """Updates per second (one critic + one policy step, Algorithm 1) on this CPU."""
+    rows = []
+    settings = [("quick", "hopper", QUICK)] if quick else [
+        ("paper", *PAPER), ("paper bf16", PAPER[0], PAPER[1] + ["--bf16"]), ("cpu quick-run", *CPU)]
+    for name, env, flags in settings:
+        args, t = _update_time(env, flags, repeats=1 if quick else 3)
+        rows.append(dict(row="qvpo_update_speed", metric=f"{name} setting", value=1.0 / t, unit="updates/s",
+                         setting=_setting(args, env),
+                         notes=f"{t * 1000:.0f} ms/update; {torch.get_num_threads()} torch thread(s)"))
+    return rows
+
+
+def _peak_rss_child(env, flags):
+    """In a fresh process: RSS before the first update and the peak after 3 updates (MB)."""
+    import resource
+    args, agent, buf, gen = _setup(env, flags)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    for _ in range(3):
+        agent.update(buf.sample(args.batch_size, gen), 0.01, gen)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(dict(before=before, peak=peak)))
+
+
+def peak_memory(quick: bool):
+    """Peak resident memory an update adds on CPU (fresh process; ru_maxrss delta)."""
+    rows = []
+    settings = [("quick", "hopper", QUICK)] if quick else [("paper", *PAPER), ("cpu quick-run", *CPU)]
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name, env, flags in settings:
+        code = (f"import sys; sys.path[:0] = [{here!r}, {os.path.dirname(here)!r}]; import bench_qvpo; "
+                f"bench_qvpo._peak_rss_child({env!r}, {flags!r})")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        m = json.loads(out.stdout.strip().splitlines()[-1])
+        args = common.parse_args(qvpo.Args, ["--env", env] + flags)
+        rows.append(dict(row="qvpo_peak_memory", metric=f"{name} setting", value=m["peak"] - m["before"], unit="MB",
+                         setting=_setting(args, env),
+                         notes=f"process peak RSS {m['peak']:.0f} MB (models + 4096-row buffer + torch)"))
+    return rows
+
+
+def batched_sampler(quick: bool):
+    """Sampling N candidates for B states: one batched pass per diffusion step vs a per-state loop."""
+    env, flags = ("hopper", QUICK) if quick else PAPER
+    args, agent, _, gen = _setup(env, flags)
+    B, N = (16, 8) if quick else (256, 64)
+    states = torch.randn(B, common.env_dims(env)[0])
+    noise = torch.randn(agent.actor.noise_shape(B, N), generator=gen)
+    with torch.no_grad():
+        t_batch = median_time(lambda: agent.actor.denoise(states, noise), repeats=3)
+        t_loop = median_time(lambda: [agent.actor.denoise(states[i:i + 1], noise[i:i + 1]) for i in range(B)],
+                             repeats=1 if not quick else 3)
+    setting = f"{B} states x {N} samples, hidden {args.hidden}, T {args.n_timesteps}"
+    return [dict(row="qvpo_batched_sampler", metric="batched (one pass per step)", value=t_batch * 1000, unit="ms",
+                 setting=setting),
+            dict(row="qvpo_batched_sampler", metric="per-state loop", value=t_loop * 1000, unit="ms",
+                 setting=setting, notes=f"batched is {t_loop / t_batch:.1f}x faster; outputs equal (tests)")]
+
+
+ROWS = {"qvpo_update_speed": update_speed, "qvpo_peak_memory": peak_memory, "qvpo_batched_sampler": batched_sampler}
