@@ -89,8 +89,10 @@ class Args:
     """Q-learning discount"""
     q_eps_end: float = 0.05
     """final epsilon of the epsilon-greedy source learner (linear decay from 1)"""
-    q_eps_decay: float = 0.3
+    q_eps_decay: float = 0.25
     """fraction of the source episodes over which epsilon decays"""
+    q_replay: bool = True
+    """replay each source episode backwards at its end (episodic backward update)"""
     context_episodes: int = 4
     """episodes in the transformer context (the paper: it must span several episodes)"""
     n_layers: int = 4
@@ -265,9 +267,11 @@ def task_split(args: Args) -> tuple[np.ndarray, np.ndarray]:
 # Source algorithm: tabular Q-learning, vectorized over every learning run
 # ======================================================================================
 def q_learning(env: BatchDarkRoom, n_episodes: int, rng: np.random.Generator, lr: float = 0.5,
-               gamma: float = 0.9, eps_end: float = 0.05, eps_decay: float = 0.5,
+               gamma: float = 0.9, eps_end: float = 0.05, eps_decay: float = 0.5, replay: bool = True,
                progress: bool = False) -> dict:
     """One independent epsilon-greedy Q-learner per task of `env`, each from scratch (Q = 0).
+    With `replay`, each episode is also replayed backwards at its end (episodic backward update,
+    Lee et al. 2019), so a reward found once propagates along the whole path.
     Returns the learning histories: observations (N, E, T, 2), actions (N, E, T), rewards (N, E, T)."""
     N, T = env.n, env.max_steps
     Q = np.zeros((N, env.n_stages * env.size ** 2, N_ACTIONS))
@@ -278,6 +282,8 @@ def q_learning(env: BatchDarkRoom, n_episodes: int, rng: np.random.Generator, lr
     for e in tqdm(range(n_episodes), desc="Q-learning histories", disable=not progress, leave=False):
         eps = max(eps_end, 1.0 - (1.0 - eps_end) * e / max(1.0, eps_decay * n_episodes))
         obs, s = env.reset(), env.state_index()
+        S = np.zeros((N, T + 1), np.int64)  # tabular states of this episode, for the backward replay
+        S[:, 0] = s
         for t in range(T):
             q = Q[idx, s]                                                     # (N, A)
             greedy = ((q == q.max(1, keepdims=True)) * rng.random(q.shape)).argmax(1)  # random tie-break
@@ -288,6 +294,10 @@ def q_learning(env: BatchDarkRoom, n_episodes: int, rng: np.random.Generator, lr
             # time-limit truncation is not termination: always bootstrap (Pardo et al. 2018)
             Q[idx, s, a] += lr * (r + gamma * Q[idx, s2].max(1) - Q[idx, s, a])
             rew_h[:, e, t], s = r, s2
+            S[:, t + 1] = s2
+        for t in range(T - 1, -1, -1) if replay else ():
+            a, r = act_h[:, e, t].astype(np.int64), rew_h[:, e, t]
+            Q[idx, S[:, t], a] += lr * (r + gamma * Q[idx, S[:, t + 1]].max(1) - Q[idx, S[:, t], a])
     return dict(observations=obs_h, actions=act_h, rewards=rew_h)
 
 
@@ -300,7 +310,7 @@ HISTORY_KEYS = ("observations", "actions", "rewards", "tasks")
 def histories_file(args: Args) -> Path:
     return common.data_dir() / (
         f"ad-{args.env}-{args.dataset}-seed{args.seed}-tasks{args.n_train_tasks}-runs{args.histories_per_task}"
-        f"-ep{args.source_episodes}-k{args.subsample}-lr{args.q_lr}-g{args.q_gamma}-eps{args.q_eps_end}-{args.q_eps_decay}.npz")
+        f"-ep{args.source_episodes}-k{args.subsample}-lr{args.q_lr}-g{args.q_gamma}-eps{args.q_eps_end}-{args.q_eps_decay}{'-replay' * args.q_replay}.npz")
 
 
 def validate_histories(h: dict, args: Args, source: str) -> dict:
@@ -339,7 +349,7 @@ def load_histories(args: Args, train_tasks: np.ndarray) -> dict:
     t0 = time.time()
     tasks = np.repeat(train_tasks, args.histories_per_task, 0)  # (H, 2|4)
     h = q_learning(BatchDarkRoom(args.env, tasks), args.source_episodes, np.random.default_rng(args.seed + 1),
-                   args.q_lr, args.q_gamma, args.q_eps_end, args.q_eps_decay, progress=True)
+                   args.q_lr, args.q_gamma, args.q_eps_end, args.q_eps_decay, args.q_replay, progress=True)
     h = {k: v[:, ::args.subsample].copy() for k, v in h.items()}  # every k-th episode (Sec. 4)
     h["tasks"] = tasks
     common.save_npz(file, h)
@@ -371,7 +381,11 @@ class WindowSampler:
         e0 = rng.integers(self.lo, self.hi + 1, batch_size)
         idx = torch.as_tensor(e0[:, None] * self.T + np.arange(self.ctx * self.T), device=self.device)  # (B, L)
         hh = torch.as_tensor(h, device=self.device)[:, None]                                           # (B, 1)
-        return self.obs[hh, idx], self.prev_a[hh, idx], self.prev_r[hh, idx], self.act[hh, idx]
+        # loss mask: the first episode of a window has no context, so it is trained only where the
+        # learner had none either (the start of its history); elsewhere its actions depend on a past
+        # the model cannot see (e.g. a goal found in an episode before the window)
+        mask = torch.as_tensor((e0[:, None] == 0) | (np.arange(self.ctx * self.T) >= self.T), device=self.device)
+        return self.obs[hh, idx], self.prev_a[hh, idx], self.prev_r[hh, idx], self.act[hh, idx], mask
 
 
 # ======================================================================================
@@ -574,7 +588,7 @@ def evaluate_all(args: Args, models: dict, test_tasks, train_tasks, device, run_
         models["AD"], args.env, np.repeat(train_tasks[:len(test_tasks)], args.eval_repeats, 0), E,
         args.context_episodes, seed=args.seed, argmax=args.argmax, bf16=args.bf16).mean(0)
     src = q_learning(BatchDarkRoom(args.env, streams), args.source_episodes, np.random.default_rng(args.seed + 2),
-                     args.q_lr, args.q_gamma, args.q_eps_end, args.q_eps_decay)["rewards"].sum(-1).mean(0)
+                     args.q_lr, args.q_gamma, args.q_eps_end, args.q_eps_decay, args.q_replay)["rewards"].sum(-1).mean(0)
     curves["source (Q-learning)"] = src[:E]
     curves["random"] = np.full(E, random_returns(args.env, streams, 20, args.seed).mean())
     optimal = BatchDarkRoom(args.env, test_tasks).optimal_returns().mean()
@@ -610,10 +624,11 @@ def train_phase(name: str, model, sampler, steps: int, args: Args, state: dict, 
     bar = tqdm(total=steps, initial=ph["step"], desc=f"train {name}", unit="step")
     last_eval, t0, s0 = float("nan"), time.time(), ph["step"]
     while ph["step"] < steps:
-        obs, pa, pr, act = sampler.sample(args.batch_size, state["batch_rng"])
+        obs, pa, pr, act, mask = sampler.sample(args.batch_size, state["batch_rng"])
         with torch.autocast(sampler.device.type, dtype=torch.bfloat16, enabled=args.bf16):
             logits = model(obs, pa, pr)                                                  # (B, L, A)
-        loss = F.cross_entropy(logits.float().reshape(-1, N_ACTIONS), act.reshape(-1))  # -log pi(a_t | h_t)
+        nll = F.cross_entropy(logits.float().reshape(-1, N_ACTIONS), act.reshape(-1), reduction="none")
+        loss = (nll * mask.reshape(-1)).sum() / mask.sum()                              # -log pi(a_t | h_t)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -623,7 +638,7 @@ def train_phase(name: str, model, sampler, steps: int, args: Args, state: dict, 
         step = ph["step"]
         bar.update(1)
         if step % 50 == 0 or step == steps:
-            acc = (logits.argmax(-1) == act).float().mean().item()
+            acc = ((logits.argmax(-1) == act) & mask).sum().item() / mask.sum().item()
             sps = (step - s0) / (time.time() - t0)
             logger.log(step, **{f"losses/{name}_loss": loss.item(), f"losses/{name}_accuracy": acc,
                                 "charts/learning_rate": sched.get_last_lr()[0], "charts/SPS": sps})

@@ -34,7 +34,9 @@ What this file reproduces
 Defaults follow the official code (github.com/ZhengyaoJiang/latentplan, config/vqvae.py):
 VQ-VAE transformer width 128 with 512-d codes, prior width 512 (n_embd * n_head), 4 layers,
 4 heads, dropout 0.1, AdamW lr 2e-4 (constant) betas (0.9, 0.95) weight decay 0.1, grad clip 1,
-batch 512.
+batch 512. (The 512 often quoted as "the width" is the code / prior width; the official VQ-VAE
+transformer is 128 wide.) As in the official code, the reward column is z-scored with the
+statistics of the rewards before the -100 terminal penalty, so a terminal reward stands out.
 
 Named deviations
   - Scoring uses the plain discounted sum sum_{t<T} gamma^t r_t + gamma^T R_{T-1} (R excludes

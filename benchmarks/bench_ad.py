@@ -42,7 +42,7 @@ def train_step(quick: bool):
     rows = []
     for bf16 in (False, True):
         def step():
-            obs, pa, pr, act = sampler.sample(args.batch_size, rng)
+            obs, pa, pr, act, _ = sampler.sample(args.batch_size, rng)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 logits = model(obs, pa, pr)
             loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, ad.N_ACTIONS), act.reshape(-1))

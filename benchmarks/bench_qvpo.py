@@ -16,7 +16,7 @@ from bench import median_time
 # (env, flags) of the measured settings; the CPU setting is the documented quick-run one
 PAPER = ("hopper", [])  # hidden 256, T 20, 64 samples, batch 256 (the Args defaults)
 CPU = ("InvertedPendulum-v5", ["--hidden", "64", "--n-timesteps", "5", "--n-train-samples", "16",
-                               "--batch-size", "32"])
+                               "--batch-size", "64"])
 QUICK = ["--hidden", "32", "--n-timesteps", "4", "--n-train-samples", "8", "--batch-size", "16"]
 
 

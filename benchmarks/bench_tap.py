@@ -42,7 +42,10 @@ def tt_latency(obs_dim: int, act_dim: int, horizon: int, quick: bool):
         return None, f"tt.py not importable ({type(e).__name__})"
     fn = getattr(tt, "plan_latency", None)
     if fn is None:
-        return None, "tt.py has no plan_latency()"
+        try:
+            return _tt_beam_plan_latency(tt, obs_dim, act_dim, horizon, quick), "timed tt.beam_plan (no plan_latency)"
+        except Exception as e:  # noqa: BLE001
+            return None, f"tt.py has no plan_latency() and tt.beam_plan failed ({type(e).__name__}: {e})"
     params = inspect.signature(fn).parameters
     kw = {}
     for name, val in (("obs_dim", obs_dim), ("act_dim", act_dim), ("horizon", horizon)):
@@ -57,6 +60,23 @@ def tt_latency(obs_dim: int, act_dim: int, horizon: int, quick: bool):
                 return float(out[k]), ""
         raise ValueError(f"tt.plan_latency returned {out} without seconds")
     return float(out), ""
+
+
+def _tt_beam_plan_latency(tt, obs_dim: int, act_dim: int, horizon: int, quick: bool) -> float:
+    """Fallback: tt.py's cached beam_plan with its default Args (random weights, uniform bins),
+    a context of max_context_transitions random transitions + the current observation."""
+    args = tt.Args()
+    cfg = tt.plan_config(args)
+    torch.manual_seed(0)
+    model = tt.build_model(args, obs_dim, act_dim, torch.device("cpu")).eval()
+    D = obs_dim + act_dim + 2
+    disc = tt.Discretizer(np.linspace(-1, 1, args.n_bins + 1)[:, None].repeat(D, 1).astype(np.float32))
+    prefix = torch.randint(0, args.n_bins, (1, cfg["context"] * D + obs_dim))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        return median_time(lambda: tt.beam_plan(model, disc, prefix, horizon, cfg["beam_width"], cfg["n_expand"],
+                                                 cfg["cdf_act"], cfg["discount"], cfg["context"], True, gen),
+                           repeats=1 if quick else 3, warmup=1)
 
 
 def decision_latency(quick: bool):

@@ -80,8 +80,11 @@ def test_windows_cross_episode_boundaries():
     goals = ad.all_tasks("darkroom", 9)[:3]
     h = ad.q_learning(ad.BatchDarkRoom("darkroom", goals), 12, np.random.default_rng(0))
     s = ad.WindowSampler(h, ctx=3, device=torch.device("cpu"))
-    obs, pa, pr, act = s.sample(64, np.random.default_rng(1))
+    obs, pa, pr, act, mask = s.sample(64, np.random.default_rng(1))
     assert obs.shape == (64, 60, 2) and act.shape == (64, 60)
+    assert mask[:, 20:].all() and mask.shape == (64, 60)
+    assert (~mask[:, :20]).any() and mask[:, :20].any()  # first episode trained only at history starts
+    assert ((pa[:, 0] == ad.N_ACTIONS) == mask[:, 0]).all()  # history start <=> 'none' previous action
     assert (obs[:, ::20] == 4).all()                  # windows start at episode starts
     assert (act[:, 19] == pa[:, 20]).all()            # the previous action crosses the boundary
     assert (pa[:, 1:] == act[:, :-1]).all()

@@ -127,6 +127,12 @@ def test_time_limit_is_a_timeout_not_a_terminal(tmp_path):
     assert [len(e["rewards"]) for e in eps] == [200, 10]
 
 
+def test_stop_return_ends_the_run_early(tmp_path):
+    out = qvpo.main(["--env", "Pendulum-v1", "--total-steps", "50", "--learning-starts", "100", "--eval-every", "10",
+                     "--stop-return=-1e9", "--run-dir", str(tmp_path / "run")] + TINY)
+    assert out["step"] == 10 and len(out["history"]) == 1
+
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match="--checkpoint"):
         qvpo.main(["--eval-only"] + TINY)
