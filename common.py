@@ -660,8 +660,8 @@ def parse_args(cls, argv=None):
             parser.add_argument(flag, type=typ, **kwargs)
     ns = parser.parse_args(argv)
     values = vars(ns)
-    for f in dataclasses.fields(cls):
-        if isinstance(values[f.name], list) and typing.get_origin(hints[f.name]) is tuple:
+    for f in dataclasses.fields(cls):  # nargs="+" gives lists; tuple (or Optional[tuple]) fields want tuples
+        if isinstance(values[f.name], list) and "tuple" in str(hints[f.name]).lower():
             values[f.name] = tuple(values[f.name])
     return cls(**values)
 

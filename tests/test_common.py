@@ -194,14 +194,16 @@ class _Args:
     """channel multipliers"""
     resume: Optional[str] = None
     """checkpoint to resume"""
+    mults: Optional[tuple[int, ...]] = None
+    """optional multipliers"""
 
 
 def test_parse_args_flags_and_defaults():
     a = common.parse_args(_Args, [])
     assert a == _Args()
     a = common.parse_args(_Args, ["--env", "walker2d", "--lr", "3e-4", "--no-cuda", "--dims", "1", "4", "8",
-                                  "--resume", "x.pt"])
-    assert (a.env, a.lr, a.cuda, a.dims, a.resume) == ("walker2d", 3e-4, False, (1, 4, 8), "x.pt")
+                                  "--resume", "x.pt", "--mults", "2", "3"])
+    assert (a.env, a.lr, a.cuda, a.dims, a.resume, a.mults) == ("walker2d", 3e-4, False, (1, 4, 8), "x.pt", (2, 3))
 
 
 def test_parse_args_help_shows_field_docs(capsys):
