@@ -1,5 +1,7 @@
-"""Decision Transformer (Chen et al. 2021, arXiv 2106.01345), with Multi-Game DT's return bins
-and expert action inference (Lee et al. 2022, arXiv 2205.15241) as an option.
+"""Decision Transformer (arXiv 2106.01345) + Multi-Game DT return bins and expert inference (2205.15241).
+
+Decision Transformer: Chen et al. 2021. Multi-Game Decision Transformers: Lee et al. 2022, whose
+return bins and expert action inference are an option here (--return-bins N).
 
 Reproduces the D4RL Gym experiments of DT (Sec. 5.2, Table 2) on Gymnasium v5 MuJoCo:
 offline training on (R, s, a) sequences, then return-conditioned evaluation.
@@ -378,6 +380,7 @@ def evaluate(model, args: Args, state_mean, state_std, device, bins=None) -> dic
 # Training
 # --------------------------------------------------------------------------------------
 def check_args(args: Args) -> Args:
+    common.env_id(args.env)  # raises for an unknown env, listing the valid ones
     if args.target_returns is None:
         if args.env not in TARGET_RETURNS and not args.return_bins:
             raise ValueError(f"no default target returns for env {args.env!r}: pass --target-returns R1 R2 ...")
@@ -436,7 +439,8 @@ def train_step(fwd, model, optimizer, scheduler, batch, args: Args) -> dict:
 def make_optimizer(model, args: Args):
     """AdamW on every parameter, linear warmup then constant (official gym code)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min((step + 1) / max(args.warmup_steps, 1), 1.0))
+    warmup = max(args.warmup_steps, 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min((step + 1) / warmup, 1.0))
     return optimizer, scheduler
 
 

@@ -9,7 +9,7 @@ Gymnasium id such as InvertedPendulum-v5 or Pendulum-v1):
   * a DDPM policy pi(a|s) (Sec. 3 / 4): an MLP (3 x 256, Mish) over [a_t, time embedding, s]
     predicts the noise; T = 20 steps, cosine schedule; x0 and the action clamped to [-1, 1]
     and scaled to the env's action bounds;
-  * the Q-weighted variational loss (Sec. 4.1-4.2, Eq. 8-10) with the "qadv" weight (Sec.
+  * the Q-weighted variational loss (Sec. 4.1-4.2, Q-weighted VLO) with the "qadv" weight (Sec.
     4.2): per state, 64 policy samples; the best by Q is kept and its diffusion loss weighted
     by A = Q(s, a_best) - mean_j Q(s, a_j), clipped at 0 (V(s) estimated by the sample mean);
   * the diffusion entropy regularization (Sec. 4.3): 10 uniform actions per state in the
@@ -18,7 +18,7 @@ Gymnasium id such as InvertedPendulum-v5 or Pendulum-v1):
     evaluation draws 32 and takes the argmax;
   * a twin-Q critic (3 x 256, Mish), clipped double-Q target whose next action is the
     argmax-Q (target critic) of 4 target-policy samples; soft target updates (tau 0.005);
-  * hyperparameters of the paper (Table 3): batch 256, gamma 0.99, actor lr 1e-4, critic lr
+  * hyperparameters of the paper (appendix table): batch 256, gamma 0.99, actor lr 1e-4, critic lr
     3e-4, Adam eps 1e-5, grad-norm clip 2.0, 10k uniform-random start steps, one update per
     env step, 1M env steps.
 
@@ -39,13 +39,19 @@ Engineering (not in the paper, no effect on the algorithm):
     replaying its actions (MuJoCo and classic-control dynamics are deterministic);
   * `--save-replay PATH` writes the buffer as a D4RL-style .npz (common.load_dataset(path=)).
 
+"Sec. 4.x" follows the order of the paper's method section (4.1 Q-weighted objective, 4.2 Q-weight
+transformations, 4.3 diffusion entropy regularization, 4.4 action selection); equations are
+named, not numbered, since numbering differs between the arXiv versions.
+
 Named deviations: none in the algorithm. Every training episode is reset with seed
 `seed + episode index` (needed for the exact resume above).
 
-Quick run (CPU, 1 thread; the measured curve is in README):
-    python qvpo.py --env InvertedPendulum-v5 --total-steps 15000 --learning-starts 1000 \
-        --hidden 64 --n-timesteps 5 --n-train-samples 16 --batch-size 64 --eval-every 1000 --eval-episodes 5
-Paper setting: python qvpo.py --env hopper      (1M steps; ~7 s per update on one CPU core: use a GPU)
+Quick runs (CPU, one core; measured curves in README):
+    python qvpo.py --env InvertedPendulum-v5 --total-steps 20000 --learning-starts 1000 --hidden 64 \
+        --critic-hidden 256 --n-timesteps 5 --n-train-samples 16 --batch-size 64 --eval-every 1000 \
+        --eval-episodes 5 --stop-return 950          # eval return 1000 at step 12000, 7 min
+    (the same with --env Pendulum-v1 and no --stop-return: eval return -185 at step 4000, -98 at 8000)
+Paper setting: python qvpo.py --env hopper      (1M steps; ~2.4 s per update on one CPU core: use a GPU)
 """
 from __future__ import annotations
 
@@ -105,7 +111,9 @@ class Args:
     grad_clip: float = 2.0
     """gradient-norm clip of actor and critic (0 = off)"""
     hidden: int = 256
-    """width of the 3 hidden layers of the denoiser and of each Q network"""
+    """width of the 3 hidden layers of the denoiser (and of the Q networks unless --critic-hidden)"""
+    critic_hidden: Optional[int] = None
+    """width of the 3 hidden layers of each Q network (default: --hidden)"""
     n_timesteps: int = 20
     """diffusion steps T"""
     n_train_samples: int = 64
@@ -298,7 +306,7 @@ class DiffusionPolicy(nn.Module):
         return self.denoise(states, noise)
 
     def loss(self, actions, states, weights, gen: torch.Generator):
-        """Weighted denoising loss (Eq. 10): mean_i w_i ||eps - eps_theta(sqrt(abar_t) a_i +
+        """Q-weighted denoising loss (Sec. 4.1-4.2): mean_i w_i ||eps - eps_theta(sqrt(abar_t) a_i +
         sqrt(1-abar_t) eps, t, s_i)||^2, t uniform in {0..T-1}. actions (M, A), weights (M,)."""
         M = actions.shape[0]
         t = torch.randint(0, self.T, (M,), generator=gen, device=actions.device)
@@ -369,7 +377,7 @@ class Agent:
     def __init__(self, obs_dim: int, act_dim: int, args: Args, device):
         self.args, self.device = args, device
         self.actor = DiffusionPolicy(obs_dim, act_dim, args.hidden, args.n_timesteps).to(device)
-        self.critic = TwinQ(obs_dim, act_dim, args.hidden).to(device)
+        self.critic = TwinQ(obs_dim, act_dim, args.critic_hidden or args.hidden).to(device)
         self.actor_target = copy.deepcopy(self.actor).requires_grad_(False)
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=args.actor_lr, eps=args.adam_eps)
@@ -405,7 +413,7 @@ class Agent:
 
         with self.autocast():
             with torch.no_grad():
-                # Q-weighted variational loss (Eq. 10): best of N samples, weight = qadv advantage
+                # Q-weighted variational loss (Sec. 4.2): best of N samples, weight = qadv advantage
                 acts = self.actor.sample(s, a.n_train_samples, gen)  # (B, N, A)
                 q = q_of_samples(self.critic, s, acts)  # (B, N)
                 adv = advantage_weights(q).max(1).values  # weight of the argmax sample, (B,)
@@ -487,8 +495,8 @@ def check_checkpoint(ckpt: dict, args: Args, obs_dim: int, act_dim: int, path):
     if common.env_id(ckpt["args"]["env"]) != common.env_id(args.env) or ckpt["dims"] != [obs_dim, act_dim]:
         raise common.CheckpointError(f"{path} was trained on {ckpt['args']['env']} (obs/act dims {ckpt['dims']}), "
                                      f"not on {args.env} ({[obs_dim, act_dim]}); pass --env {ckpt['args']['env']}")
-    for k in ("hidden", "n_timesteps"):
-        if ckpt["args"][k] != getattr(args, k):
+    for k in ("hidden", "critic_hidden", "n_timesteps"):
+        if ckpt["args"].get(k) != getattr(args, k):
             raise common.CheckpointError(f"{path} has --{k.replace('_', '-')} {ckpt['args'][k]}, "
                                          f"this run {getattr(args, k)}; pass the checkpoint's value")
 
@@ -501,17 +509,19 @@ def main(argv=None) -> dict:
     env_name = args.env
     obs_dim, act_dim = common.env_dims(env_name)
     scale, bias = env_spec(env_name)
-    agent = Agent(obs_dim, act_dim, args, device)
-
     if args.eval_only:
         ckpt = common.load_checkpoint(args.checkpoint, map_location=device, required=("agent", "args", "dims"))
+        for k in ("hidden", "critic_hidden", "n_timesteps"):  # the architecture comes from the checkpoint
+            setattr(args, k, ckpt["args"].get(k))
         check_checkpoint(ckpt, args, obs_dim, act_dim, args.checkpoint)
+        agent = Agent(obs_dim, act_dim, args, device)
         agent.load_state_dict(ckpt["agent"])
         res = run_eval(agent, args, scale, bias, ckpt["step"])
         print(f"[qvpo] {args.checkpoint} (step {ckpt['step']}): return {res['eval/return_mean']:.1f} "
               f"+- {res['eval/return_std']:.1f}")
         return {"step": ckpt["step"], **res}
 
+    agent = Agent(obs_dim, act_dim, args, device)
     buffer = ReplayBuffer(args.buffer_size or args.total_steps, obs_dim, act_dim, device)
     gen = torch.Generator(device).manual_seed(args.seed)  # every draw of acting and updating
     env = common.make_env(env_name)

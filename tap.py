@@ -48,10 +48,15 @@ Named deviations
     value masking that has no meaning for 24-step chunks; we use a plain causal mask.
   - Datasets are generated offline (see common.py), so scores are "D4RL-normalized".
 
-Quick run (CPU, ~25 minutes on one core; see README for the score it reaches):
+Quick run (CPU, one thread; measured on a shared 2-core machine: 11.7 + 7.2 min of training,
+1.5 and 0.8 min for the 5-episode evaluations): a small model trained 3000 VQ-VAE / 2000 prior steps, then
+resumed to 6000 / 4000 steps; hopper/medium D4RL-normalized 28.8 after the first command and
+32.5 after the second (dataset mean 31.0), 5 episodes each:
     python tap.py --env hopper --n-embd 64 --code-dim 64 --n-layer 2 --prior-n-embd 128 \
-        --prior-n-layer 2 --batch-size 64 --total-steps 6000 --prior-steps 3000 \
-        --beam-width 32 --eval-episodes 5 --no-cuda
+        --prior-n-layer 2 --batch-size 64 --lr 1e-3 --total-steps 3000 --prior-steps 2000 \
+        --beam-width 32 --eval-episodes 5 --no-cuda --run-dir runs/hopper__tap_cpu__0
+    python tap.py ...same flags... --total-steps 6000 --prior-steps 4000 \
+        --resume runs/hopper__tap_cpu__0/checkpoint.pt --run-dir runs/hopper__tap_cpu__0_resume
 Full run (GPU):  python tap.py --env hopper
 One stage only:  python tap.py --stage vqvae;  python tap.py --stage prior --checkpoint RUN/checkpoint.pt
 """
@@ -61,7 +66,6 @@ import math
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Optional
 
 import numpy as np

@@ -20,24 +20,29 @@ for each of the ~229 tokens of a decision). The cache keeps the value-column mas
 official sliding context: the context window moves by one whole transition at a time, which
 shifts every position embedding, so the cache is refilled once per transition and extended one
 token at a time in between; beam selection / expansion re-index the cache rows (lazily: a
-gather is skipped when the window is about to be refilled anyway). Planning is batched over
-beams AND evaluation episodes (one planner call for all N environments). `--no-kv-cache` runs
-the uncached path (same planner, full-window forward per token) for verification.
+gather is skipped when the window is about to be refilled anyway). A refill computes each
+distinct window prefix once (beams share the real context and their ancestors), and a cached
+pass runs its last layer for the last position only (keys / values of all positions are still
+stored). All of it is exact: same plans, logits equal to ~1e-6. Planning is batched over beams
+AND evaluation episodes (one planner call for all N environments). `--no-kv-cache` runs the
+uncached path (same planner, full-window forward per token, as the official code) to verify.
 
 Named deviations:
-  * the cosine schedule is clamped at 10% after `decay_frac` of training (minGPT's formula used
-    by the official trainer lets the lr rise again after its `final_tokens`); warmup and decay
+  * the cosine schedule is clamped at 10% after `decay_frac` of training (the official trainer's
+    max(0.1, 0.5 (1 + cos(pi progress))) has no clamp on progress, so its lr rises again after
+    `final_tokens`); the per-token schedule is expressed in steps, and warmup and decay
     are fractions of --total-steps (official 50 epochs: warmup 1 epoch = 2%, cosine over 20
     epochs = 40%) so short runs keep the same shape;
   * greedy tokens (k_obs = k_rew = 1) use argmax instead of a multinomial draw on a one-hot
     distribution (identical except for exact ties; draws no random numbers);
-  * quantile thresholds exactly as the official code (sorted data at N+1 evenly spaced ranks).
   * the official hopper-medium config replans every 5 steps (plan_freq 5); we keep the paper's
     every-step default and expose --plan-freq.
 
-Quick run (CPU; see README for the budget and the score it reached):
-    python tt.py --env hopper --dataset medium --total-steps 600 --batch-size 64 --decay-frac 1 \
-        --horizon 5 --beam-width 32 --eval-episodes 5 --bf16
+Quick run (CPU, one thread, 18 min of training; see README for the score it reached):
+    python tt.py --env hopper --dataset medium --no-cuda --batch-size 64 --total-steps 1000 \
+        --warmup-frac 0.05 --decay-frac 1 --time-budget-min 18 --bf16 --eval-episodes 0 --run-dir runs/tt_cpu
+    python tt.py --env hopper --dataset medium --no-cuda --eval-only --checkpoint runs/tt_cpu/checkpoint.pt \
+        --horizon 5 --beam-width 32 --eval-episodes 5 --max-episode-steps 500 --bf16
 """
 from __future__ import annotations
 
@@ -122,7 +127,7 @@ class Args:
     warmup_frac: float = 0.02
     """linear warmup, fraction of total_steps (official: 1 of 50 epochs)"""
     decay_frac: float = 0.4
-    """cosine decay to 10% ends here, fraction of total_steps (official: 20 of 50 epochs)"""
+    """the cosine decay to 0.1 x lr ends here, fraction of total_steps (official: 20 of 50 epochs)"""
     time_budget_min: Optional[float] = None
     """stop training after this many minutes (CPU budget runs; the schedule keeps total_steps)"""
     # --- planning (Sec. 3.3) ---
@@ -311,7 +316,7 @@ class Block(nn.Module):
         self.resid_drop = nn.Dropout(p)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.Dropout(p))
 
-    def forward(self, x, mask, cache: Optional[KVCache], layer: int, pos0: int):
+    def forward(self, x, mask, cache: Optional[KVCache], layer: int, pos0: int, last_only: bool = False):
         B, T, C = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         if cache is not None:  # write this chunk's keys / values, attend to the whole window
@@ -322,6 +327,8 @@ class Block(nn.Module):
             cache.k[layer][:, :, pos0:pos0 + T] = k
             cache.v[layer][:, :, pos0:pos0 + T] = v
             k, v = cache.k[layer][:, :, :pos0 + T], cache.v[layer][:, :, :pos0 + T]  # (B, h, S, hd)
+        if last_only:  # last layer of a cached pass: keys / values of all positions, output of the last only
+            x, q, mask, T = x[:, -1:], q[:, :, -1:], mask[-1:], 1
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.p if self.training else 0.0)  # (B, h, T, hd)
         x = x + self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
@@ -371,8 +378,9 @@ class GPT(nn.Module):
         dim = torch.arange(pos0, pos0 + T, device=idx.device) % self.D          # dimension of each token
         x = self.drop(self.tok_emb(self.offset_tokens(idx, pos0)) + self.pos_emb[pos0:pos0 + T])  # (B, T, C)
         mask = self.mask[pos0:pos0 + T, :pos0 + T]                             # (T, S)
-        for i, blk in enumerate(self.blocks):
-            x = blk(x, mask, cache, i, pos0)
+        n = len(self.blocks)
+        for i, blk in enumerate(self.blocks):  # with a cache, the last layer works on the last position only
+            x = blk(x, mask, cache, i, pos0, last_only=last_only and cache is not None and i == n - 1)
         if last_only:
             x, dim = x[:, -1:], dim[-1:]
         x = self.ln_f(x)
@@ -421,9 +429,8 @@ class Stream:
             return self.model(self.x[:, s:], last_only=True)[:, 0]
         c = self.cache
         if c is None or c.start != s:  # the window moved: every position changed -> refill
-            self.cache = c = KVCache(len(self.model.blocks), self.block, s)
             self.pending = None
-            out = self.model(self.x[:, s:], pos0=0, cache=c, last_only=True)
+            c, out = self.refill(s)
         else:
             if self.pending is not None:  # apply beam selection / expansion to the cache rows
                 c.gather(self.pending)
@@ -431,6 +438,26 @@ class Stream:
             out = self.model(self.x[:, s + c.len:], pos0=c.len, cache=c, last_only=True)
         c.len = L - s
         return out[:, 0]
+
+    def refill(self, s: int):
+        """Fill a new cache with the window x[:, s:], one transition-sized chunk at a time,
+        computing each distinct window prefix once (beams share their ancestors and the real
+        context; a token's keys / values depend only on the window up to it). Exact."""
+        w = self.x[:, s:]                                                   # (R, W)
+        c = self.cache = KVCache(len(self.model.blocks), self.block, s)
+        D, R, W = self.model.D, w.shape[0], w.shape[1]
+        prev = None
+        for c0 in range(0, W, D):
+            c1 = min(W, c0 + D)
+            uniq, inv = torch.unique(w[:, :c1], dim=0, return_inverse=True)   # (U, c1), (R,)
+            rep = torch.zeros(len(uniq), dtype=torch.long, device=w.device).scatter_(
+                0, inv, torch.arange(R, device=w.device))                     # one row per prefix
+            if prev is not None:
+                c.gather(prev[rep])                                           # cache rows: U_prev -> U
+            out = self.model(uniq[:, c0:c1], pos0=c0, cache=c, last_only=True)
+            prev = inv
+        c.gather(prev)                                                        # U -> R rows
+        return c, out[prev]
 
     def append(self, tok: torch.Tensor):
         self.x = torch.cat([self.x, tok[:, None]], 1)

@@ -15,8 +15,8 @@ from bench import median_time
 
 # (env, flags) of the measured settings; the CPU setting is the documented quick-run one
 PAPER = ("hopper", [])  # hidden 256, T 20, 64 samples, batch 256 (the Args defaults)
-CPU = ("InvertedPendulum-v5", ["--hidden", "64", "--n-timesteps", "5", "--n-train-samples", "16",
-                               "--batch-size", "64"])
+CPU = ("Pendulum-v1", ["--hidden", "64", "--critic-hidden", "256", "--n-timesteps", "5", "--n-train-samples", "16",
+                       "--batch-size", "64"])
 QUICK = ["--hidden", "32", "--n-timesteps", "4", "--n-train-samples", "8", "--batch-size", "16"]
 
 
@@ -40,7 +40,8 @@ def _update_time(env, flags, repeats):
 
 
 def _setting(args, env):
-    return (f"{env}, hidden {args.hidden}, T {args.n_timesteps}, {args.n_train_samples} samples/state, "
+    return (f"{env}, hidden {args.hidden}, critic {args.critic_hidden or args.hidden}, T {args.n_timesteps}, "
+            f"{args.n_train_samples} samples/state, "
             f"batch {args.batch_size}{', bf16' if args.bf16 else ''}")
 
 
@@ -57,15 +58,24 @@ def update_speed(quick: bool):
     return rows
 
 
+def _rss_mb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def _peak_rss_child(env, flags):
-    """In a fresh process: RSS before the first update and the peak after 3 updates (MB)."""
-    import resource
+    """In a fresh process: resident memory before the first update and its peak over 3 updates
+    (MB). The peak (VmHWM) is reset first, so imports and set-up do not count (Linux only)."""
     args, agent, buf, gen = _setup(env, flags)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    agent.update(buf.sample(args.batch_size, gen), 0.01, gen)  # optimizer state allocated
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+    before = _rss_mb("VmRSS")
     for _ in range(3):
         agent.update(buf.sample(args.batch_size, gen), 0.01, gen)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps(dict(before=before, peak=peak)))
+    print(json.dumps(dict(before=before, peak=_rss_mb("VmHWM"))))
 
 
 def peak_memory(quick: bool):
@@ -81,26 +91,28 @@ def peak_memory(quick: bool):
         args = common.parse_args(qvpo.Args, ["--env", env] + flags)
         rows.append(dict(row="qvpo_peak_memory", metric=f"{name} setting", value=m["peak"] - m["before"], unit="MB",
                          setting=_setting(args, env),
-                         notes=f"process peak RSS {m['peak']:.0f} MB (models + 4096-row buffer + torch)"))
+                         notes=f"peak RSS {m['peak']:.0f} MB over RSS {m['before']:.0f} MB before the update (Linux VmHWM)"))
     return rows
 
 
 def batched_sampler(quick: bool):
     """Sampling N candidates for B states: one batched pass per diffusion step vs a per-state loop."""
-    env, flags = ("hopper", QUICK) if quick else PAPER
-    args, agent, _, gen = _setup(env, flags)
-    B, N = (16, 8) if quick else (256, 64)
-    states = torch.randn(B, common.env_dims(env)[0])
-    noise = torch.randn(agent.actor.noise_shape(B, N), generator=gen)
-    with torch.no_grad():
-        t_batch = median_time(lambda: agent.actor.denoise(states, noise), repeats=3)
-        t_loop = median_time(lambda: [agent.actor.denoise(states[i:i + 1], noise[i:i + 1]) for i in range(B)],
-                             repeats=1 if not quick else 3)
-    setting = f"{B} states x {N} samples, hidden {args.hidden}, T {args.n_timesteps}"
-    return [dict(row="qvpo_batched_sampler", metric="batched (one pass per step)", value=t_batch * 1000, unit="ms",
-                 setting=setting),
-            dict(row="qvpo_batched_sampler", metric="per-state loop", value=t_loop * 1000, unit="ms",
-                 setting=setting, notes=f"batched is {t_loop / t_batch:.1f}x faster; outputs equal (tests)")]
+    rows = []
+    settings = [("hopper", QUICK, 16, 8)] if quick else [(*PAPER, 256, 64), (*CPU, 64, 16)]
+    for env, flags, B, N in settings:
+        args, agent, _, gen = _setup(env, flags)
+        states = torch.randn(B, common.env_dims(env)[0])
+        noise = torch.randn(agent.actor.noise_shape(B, N), generator=gen)
+        with torch.no_grad():
+            t_batch = median_time(lambda: agent.actor.denoise(states, noise), repeats=3)
+            t_loop = median_time(lambda: [agent.actor.denoise(states[i:i + 1], noise[i:i + 1]) for i in range(B)],
+                                 repeats=3 if quick or B * N < 4096 else 1)
+        setting = f"{env}, {B} states x {N} samples, hidden {args.hidden}, T {args.n_timesteps}"
+        rows += [dict(row="qvpo_batched_sampler", metric="batched (one pass per step)", value=t_batch * 1000,
+                      unit="ms", setting=setting),
+                 dict(row="qvpo_batched_sampler", metric="per-state loop", value=t_loop * 1000, unit="ms",
+                      setting=setting, notes=f"loop / batched = {t_loop / t_batch:.1f}; same outputs (tests)")]
+    return rows
 
 
 ROWS = {"qvpo_update_speed": update_speed, "qvpo_peak_memory": peak_memory, "qvpo_batched_sampler": batched_sampler}

@@ -94,11 +94,17 @@ def decision_latency(quick: bool):
         rows.append(dict(row="tap_decision_latency", metric="TAP latent beam search", value=1000 * t, unit="ms",
                          setting=setting, notes="beam 64 x expand 4, 5 codes; official sizes (VQ 4x128, codes 512-d, "
                                                 "prior 4x512)" if not quick else "quick: tiny model, beam 4"))
+        if not quick:
+            tb = tap_latency(obs_dim, act_dim, horizon, repeats=5, bf16=True)
+            rows.append(dict(row="tap_decision_latency", metric="TAP latent beam search, bf16 autocast",
+                             value=1000 * tb, unit="ms", setting=setting.replace("fp32", "bf16"),
+                             notes="--bf16"))
         s, why = tt_latency(obs_dim, act_dim, horizon, quick) if not quick else (None, "skipped in --quick")
         tt_s[obs_dim] = s
         if s is not None:
             rows.append(dict(row="tap_decision_latency", metric="TT cached beam search", value=1000 * s, unit="ms",
-                             setting=setting, notes="tt.plan_latency (tt.py defaults)"))
+                             setting=setting, notes=(why or "tt.plan_latency") + "; tt.py planning defaults "
+                                                          "(beam 128 x expand 2, context 5, KV cache)"))
             rows.append(dict(row="tap_decision_latency", metric="TT / TAP latency", value=s / t, unit="x",
                              setting=setting, notes="target >= 10x at hopper size"))
         else:

@@ -181,6 +181,9 @@ def test_smoke_resume_and_eval_only(tmp_path, monkeypatch):
     ev = ad.main(TINY + ["--eval-only", "--checkpoint", str(tmp_path / "a" / "checkpoint.pt"),
                          "--run-dir", str(tmp_path / "c")])
     assert ev["AD_curve"] == straight["AD_curve"] and ev["ED_curve"] == straight["ED_curve"]
+    with pytest.raises(ValueError, match="--n-layers 1"):  # a checkpoint of another architecture
+        ad.main(TINY + ["--n-layers", "2", "--eval-only", "--checkpoint", str(tmp_path / "a" / "checkpoint.pt"),
+                              "--run-dir", str(tmp_path / "d")])
 
 
 def test_bad_arguments_are_explained(tmp_path):

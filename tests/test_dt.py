@@ -108,7 +108,8 @@ def test_sampling_windows_and_padding_mask():
     torch.testing.assert_close(data.rtg[:3], torch.tensor([3.0, 2.0, 1.0]) * args.reward_scale)
     g = torch.Generator().manual_seed(0)
     s, a, r, t, mask = data.sample(256, 6, g)
-    raw = s * torch.as_tensor(data.state_std, dtype=torch.float32) + torch.as_tensor(data.state_mean, dtype=torch.float32)
+    f32 = lambda x: torch.as_tensor(x, dtype=torch.float32)
+    raw = s * f32(data.state_std) + f32(data.state_mean)
     lengths = torch.tensor([3, 7, 12])
     saw_padding = False
     for b in range(256):

@@ -109,7 +109,8 @@ def test_smoke_save_replay_and_eval_only(tmp_path):
     assert np.abs(data["actions"]).max() <= 3.0  # env units (InvertedPendulum bounds are +-3)
     assert data["terminals"].any()  # the pole falls under a random policy: true terminations
     assert data["terminals"][-1] or data["timeouts"][-1]  # the last row ends an episode
-    ev = qvpo.main(["--env", "InvertedPendulum-v5", "--eval-only", "--checkpoint", out["checkpoint"]] + TINY)
+    ev = qvpo.main(["--env", "InvertedPendulum-v5", "--eval-only", "--checkpoint", out["checkpoint"],
+                    "--eval-episodes", "2", "--eval-max-steps", "5", "--no-cuda"])  # architecture from the checkpoint
     assert ev["step"] == 30 and np.isfinite(ev["eval/return_mean"])
     with pytest.raises(common.CheckpointError, match="InvertedPendulum"):
         qvpo.main(["--env", "Pendulum-v1", "--eval-only", "--checkpoint", out["checkpoint"]] + TINY)

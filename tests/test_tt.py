@@ -187,3 +187,11 @@ def test_smoke_train_resume_eval(tiny_dataset, tmp_path, monkeypatch):
         bad = tmp_path / "bad.pt"
         bad.write_bytes(b"not a checkpoint")
         tt.main(["--eval-only", "--checkpoint", str(bad), "--no-cuda", "--run-dir", str(tmp_path / "f")])
+
+
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        tt.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--no-kv-cache" in out and "--discretizer" in out and "--time-budget-min" in out
