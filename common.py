@@ -646,7 +646,7 @@ def parse_args(cls, argv=None):
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         flag = "--" + f.name.replace("_", "-")
-        kwargs = dict(default=default, help=docs.get(f.name, " "), dest=f.name)
+        kwargs = dict(default=default, help=docs.get(f.name, " ").replace("%", "%%"), dest=f.name)
         origin, targs = typing.get_origin(typ), typing.get_args(typ)
         if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
             non_none = [a for a in targs if a is not type(None)]

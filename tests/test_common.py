@@ -187,7 +187,7 @@ class _Args:
     env: str = "hopper"
     """which environment"""
     lr: float = 1e-4
-    """learning rate"""
+    """learning rate (a 100% literal docstring)"""
     cuda: bool = True
     """use the GPU"""
     dims: tuple[int, ...] = (1, 2)
@@ -210,7 +210,7 @@ def test_parse_args_help_shows_field_docs(capsys):
     with pytest.raises(SystemExit):
         common.parse_args(_Args, ["--help"])
     out = capsys.readouterr().out
-    for text in ("which environment", "learning rate", "--no-cuda", "channel multipliers"):
+    for text in ("which environment", "a 100% literal docstring", "--no-cuda", "channel multipliers"):
         assert text in out
 
 
