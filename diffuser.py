@@ -24,7 +24,9 @@ lacks:
   of the plan survives. It costs 5 U-Net passes + 6 value gradients (guidance at t = 4, 3, 2)
   instead of 20 + 36, i.e. 4-6x fewer network passes (>= 3x was the target). Smaller k (2-3)
   leaves the value guidance nothing to act on (t < 2 is unguided); larger k approaches full
-  replanning in cost. The first decision of every episode is a full replan.
+  replanning in cost. The first decision of every episode is a full replan. Measured (CPU,
+  README): 5.1x more decisions/s than full replanning at the paper setting; on the short
+  hopper-medium CPU run it cost 14.5 normalized points at 2400 steps and nothing at 4800.
 
 Batched planning: the plans of all running evaluation episodes are denoised as one batch
 (N envs x n_plans) and the evaluation itself is vectorized (common.evaluate).
