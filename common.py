@@ -40,6 +40,7 @@ import tempfile
 import textwrap
 import time
 import typing
+import zipfile
 from pathlib import Path
 
 import gymnasium as gym
@@ -252,6 +253,9 @@ def _read_file(path: Path) -> dict:
             raise ImportError("reading D4RL .hdf5 files needs h5py: pip install h5py") from e
         with h5py.File(path, "r") as f:
             return {k: f[k][()] for k in KEYS if k in f}
+    if not zipfile.is_zipfile(path):
+        raise DatasetError(f"{path}: not a .npz file (no zip archive inside); delete it or pass a valid "
+                           f".npz / D4RL .hdf5 file")
     try:
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}

@@ -91,7 +91,7 @@ def test_bad_files(tmp_path):
         common.load_dataset("hopper", path=empty)
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"not a zip file at all")
-    with pytest.raises(common.DatasetError, match="not a readable"):
+    with pytest.raises(common.DatasetError, match="not a .npz file"):
         common.load_dataset("hopper", path=garbage)
     with pytest.raises(FileNotFoundError):
         common.load_dataset("hopper", path=tmp_path / "missing.npz")
