@@ -234,13 +234,17 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.ReLU(), nn.Linear(4 * d, d), nn.Dropout(dropout))
         self.resid_drop = nn.Dropout(dropout)
 
-    def forward(self, x):
+    def forward(self, x, last_only: bool = False):
+        """x (B, T, d) -> (B, T, d); with last_only (inference) only the final token's output
+        (B, 1, d) is computed: it attends to every key, so no mask is needed."""
         B, T, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
-        q, k, v = (z.view(B, T, self.n_head, d // self.n_head).transpose(1, 2) for z in (q, k, v))  # (B, h, T, d/h)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        if last_only:
+            q, x = q[:, -1:], x[:, -1:]
+        h = lambda z: z.view(B, z.shape[1], self.n_head, d // self.n_head).transpose(1, 2)  # (B, h, T, d/h)
+        y = F.scaled_dot_product_attention(h(q), h(k), h(v), is_causal=not last_only,
                                            dropout_p=self.dropout if self.training else 0.0)
-        x = x + self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, T, d)))  # (B, T, d)
+        x = x + self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, q.shape[1], d)))  # (B, T, d)
         return x + self.mlp(self.ln2(x))
 
 
@@ -272,6 +276,23 @@ class DecisionTransformer(nn.Module):
     def forward(self, states, actions, returns, timesteps):
         """states (B,K,obs), actions (B,K,act), returns (B,K) float (DT) or long bins (MGDT),
         timesteps (B,K) -> action predictions (B,K,act), return logits (B,K,bins) or None."""
+        x = self.blocks_out(states, actions, returns, timesteps).reshape(states.shape[0], states.shape[1], 3, -1)
+        action = self.predict_action(x[:, :, 1])                                    # (B, K, act)
+        return_logits = self.predict_return(x[:, :, 0]) if self.bins else None      # (B, K, bins)
+        return action, return_logits
+
+    @torch.no_grad()
+    def predict_last(self, states, actions, returns, timesteps, token: int):
+        """Inference: the output head at token `token` (0 or 1) of the final step only. The
+        sequence is cut after that token and the last block computes one query, the same
+        numbers as forward()[..., -1] (tested) for ~30% less compute at 3 layers.
+        -> action (B, act) if the action is read there (token 1), else return logits (B, bins)."""
+        x = self.blocks_out(states, actions, returns, timesteps, cut=3 * (states.shape[1] - 1) + token + 1)[:, 0]
+        return self.predict_action(x) if token == 1 else self.predict_return(x)
+
+    def blocks_out(self, states, actions, returns, timesteps, cut: Optional[int] = None):
+        """Embed, interleave and run the blocks -> (B, 3K, d) after ln_f, or with `cut` only the
+        output of token cut-1 of the first `cut` tokens, (B, 1, d)."""
         B, K = states.shape[:2]
         time_emb = self.embed_timestep(timesteps)                                   # (B, K, d)
         ret_emb = self.embed_return(returns if self.bins else returns.unsqueeze(-1))
@@ -279,13 +300,10 @@ class DecisionTransformer(nn.Module):
                   "a": self.embed_action(actions) + time_emb}
         x = torch.stack([tokens[k] for k in self.order], dim=2)                     # (B, K, 3, d)
         x = x.reshape(B, 3 * K, x.shape[-1])                                        # (B, 3K, d) interleaved
-        x = self.drop(self.embed_ln(x))
-        for block in self.blocks:
-            x = block(x)
-        x = self.ln_f(x).reshape(B, K, 3, -1)                                       # (B, K, 3, d)
-        action = self.predict_action(x[:, :, 1])                                    # (B, K, act)
-        return_logits = self.predict_return(x[:, :, 0]) if self.bins else None      # (B, K, bins)
-        return action, return_logits
+        x = self.drop(self.embed_ln(x if cut is None else x[:, :cut]))
+        for i, block in enumerate(self.blocks):
+            x = block(x, last_only=cut is not None and i == len(self.blocks) - 1)
+        return self.ln_f(x)
 
 
 # --------------------------------------------------------------------------------------
@@ -324,11 +342,12 @@ class DTPolicy:
         self.next_return = torch.full((n,), self.target or 0.0, device=dev)
         self.t = 0
 
-    def _forward(self, n: int):
+    def _forward(self, n: int, token: int):
+        """The head output at token `token` of step n-1 (action at 1; MGDT return logits at 0)."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
-            action, logits = self.model(self.states[:, :n], self.actions[:, :n], self.returns[:, :n],
-                                        self.timesteps[:, :n])
-        return action[:, n - 1].float(), None if logits is None else logits[:, n - 1].float()
+            out = self.model.predict_last(self.states[:, :n], self.actions[:, :n], self.returns[:, :n],
+                                          self.timesteps[:, :n], token)
+        return out.float()
 
     @torch.no_grad()
     def __call__(self, obs):
@@ -342,12 +361,11 @@ class DTPolicy:
         self.timesteps[:, p] = min(self.t, self.args.max_ep_len - 1)
         if self.bins is None:
             self.returns[:, p] = self.next_return
-            action, _ = self._forward(p + 1)
+            action = self._forward(p + 1, token=1)
         else:  # MGDT: sample R_t ~ exp(log P(R_t | s_t, history) + kappa * normalized R_t) (Sec. 3.4)
-            self.returns[:, p] = 0
-            _, logits = self._forward(p + 1)
+            logits = self._forward(p + 1, token=0)  # P(R_t | s_t, history): R_t's token is cut off
             self.returns[:, p] = sample_expert_return(logits, self.expert_bias, self.gen)
-            action, _ = self._forward(p + 1)  # then a_t given the sampled R_t
+            action = self._forward(p + 1, token=1)  # then a_t given the sampled R_t
         self.actions[:, p] = action
         return action
 

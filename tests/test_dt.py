@@ -69,6 +69,21 @@ def test_token_order_interleaved(bins):
 
 
 @pytest.mark.parametrize("bins", [0, 6])
+def test_predict_last_equals_full_forward(bins):
+    """The inference path (sequence cut after the read token, one query in the last block) gives
+    the full forward's numbers at the final step, for every context length."""
+    args = tiny_args(return_bins=bins)
+    model = dt.DecisionTransformer(3, 2, args).eval()
+    s, a, r, t = random_batch(args, B=3)
+    for n in range(1, args.context_len + 1):
+        act, logits = model(s[:, :n], a[:, :n], r[:, :n], t[:, :n])
+        torch.testing.assert_close(model.predict_last(s[:, :n], a[:, :n], r[:, :n], t[:, :n], token=1), act[:, -1])
+        if bins:
+            torch.testing.assert_close(model.predict_last(s[:, :n], a[:, :n], r[:, :n], t[:, :n], token=0),
+                                       logits[:, -1])
+
+
+@pytest.mark.parametrize("bins", [0, 6])
 def test_causality(bins):
     """Changing step j's tokens leaves every prediction of steps < j unchanged; DT's action at step t
     ignores a_t but sees R_t and s_t; MGDT's return logits at t ignore R_t and a_t."""
