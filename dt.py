@@ -321,7 +321,9 @@ class DTPolicy:
     device. Step t writes at position min(t, K-1); once the window is full the buffers shift left
     by one step (right padding, as in training: positions after the current step are never
     fed to the model). DT: R_0 = target, R_{t+1} = R_t - r_t * scale (Algorithm 1), done in
-    observe(). MGDT: R_t is sampled at every step from the expert distribution (Sec. 3.4)."""
+    observe(). MGDT: R_t is sampled at every step from the expert distribution (Sec. 3.4).
+    Episodes that observe() reports done get no more forward passes (their action rows are 0
+    and common.evaluate ignores them), so early falls do not cost compute."""
 
     def __init__(self, model: DecisionTransformer, args: Args, state_mean, state_std, device,
                  target: Optional[float] = None, bins: Optional[ReturnBins] = None, seed: int = 0):
@@ -340,13 +342,14 @@ class DTPolicy:
         self.returns = torch.zeros(n, K, device=dev, dtype=torch.long if self.bins else torch.float32)
         self.timesteps = torch.zeros(n, K, device=dev, dtype=torch.long)
         self.next_return = torch.full((n,), self.target or 0.0, device=dev)
+        self.live = np.ones(n, dtype=bool)  # on the host: dones arrive there from the env
         self.t = 0
 
-    def _forward(self, n: int, token: int):
+    def _forward(self, rows, n: int, token: int):
         """The head output at token `token` of step n-1 (action at 1; MGDT return logits at 0)."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
-            out = self.model.predict_last(self.states[:, :n], self.actions[:, :n], self.returns[:, :n],
-                                          self.timesteps[:, :n], token)
+            out = self.model.predict_last(self.states[rows, :n], self.actions[rows, :n], self.returns[rows, :n],
+                                          self.timesteps[rows, :n], token)
         return out.float()
 
     @torch.no_grad()
@@ -359,21 +362,23 @@ class DTPolicy:
         self.states[:, p] = (torch.as_tensor(obs, device=self.device) - self.mean) / self.std
         self.actions[:, p] = 0.0  # a_t is not known yet; causality hides it from s_t (and R_t)
         self.timesteps[:, p] = min(self.t, self.args.max_ep_len - 1)
+        rows = slice(None) if self.live.all() else torch.as_tensor(np.flatnonzero(self.live), device=self.device)
         if self.bins is None:
             self.returns[:, p] = self.next_return
-            action = self._forward(p + 1, token=1)
+            action = self._forward(rows, p + 1, token=1)
         else:  # MGDT: sample R_t ~ exp(log P(R_t | s_t, history) + kappa * normalized R_t) (Sec. 3.4)
-            logits = self._forward(p + 1, token=0)  # P(R_t | s_t, history): R_t's token is cut off
-            self.returns[:, p] = sample_expert_return(logits, self.expert_bias, self.gen)
-            action = self._forward(p + 1, token=1)  # then a_t given the sampled R_t
-        self.actions[:, p] = action
-        return action
+            logits = self._forward(rows, p + 1, token=0)  # P(R_t | s_t, history): R_t's token is cut off
+            self.returns[rows, p] = sample_expert_return(logits, self.expert_bias, self.gen)
+            action = self._forward(rows, p + 1, token=1)  # then a_t given the sampled R_t
+        self.actions[rows, p] = action
+        return self.actions[:, p].clone()                                            # (N, act)
 
     def observe(self, rewards, dones):
         p = min(self.t, self.args.context_len - 1)
         if self.bins is None:  # return-to-go decrement by the scaled reward (Algorithm 1)
             r = torch.as_tensor(rewards, dtype=torch.float32, device=self.device)
             self.next_return = self.returns[:, p] - r * self.args.reward_scale
+        self.live &= ~np.asarray(dones, dtype=bool)
         self.t += 1
 
 

@@ -208,6 +208,36 @@ def test_policy_return_to_go_and_window():
     assert pol.timesteps[0].tolist() == [3, 4, 5]
 
 
+@pytest.mark.parametrize("bins", [0, 6])
+def test_policy_skips_finished_episodes(bins):
+    """Once observe() reports an episode done, its row gets no forward pass (action 0) and the
+    live episodes' actions are exactly those of a policy that never saw a done."""
+    args = tiny_args(return_bins=bins, context_len=3)
+    model = dt.DecisionTransformer(3, 2, args).eval()
+    mean, std = np.zeros(3, np.float32), np.ones(3, np.float32)
+    rb = dt.ReturnBins(-1.0, 1.0, bins) if bins else None
+    pols = [dt.DTPolicy(model, args, mean, std, torch.device("cpu"), None if bins else 3600.0, rb, seed=0)
+            for _ in range(2)]
+    rows_seen = []
+    model.embed_ln.register_forward_hook(lambda m, inp, out: rows_seen.append(inp[0].shape[0]))
+    for pol in pols:
+        pol.reset(3)
+    rng = np.random.default_rng(0)
+    for step in range(5):
+        obs, rew = rng.normal(size=(3, 3)).astype(np.float32), rng.uniform(0, 5, size=3).astype(np.float32)
+        rows_seen.clear()
+        full, masked = pols[0](obs), pols[1](obs)
+        if step >= 2:  # episode 1 ended at step 1
+            assert rows_seen[len(rows_seen) // 2:] == [2] * (len(rows_seen) // 2)
+            assert torch.all(masked[1] == 0)
+            if not bins:  # (MGDT samples returns for fewer rows, so its random stream differs)
+                torch.testing.assert_close(masked[[0, 2]], full[[0, 2]])
+        else:
+            torch.testing.assert_close(masked, full)
+        pols[0].observe(rew, np.zeros(3, bool))
+        pols[1].observe(rew, np.array([False, step >= 1, False]))
+
+
 def test_smoke_resume_and_eval_only(tiny_dataset, tmp_path):
     """The script trains, checkpoints and evaluates; N straight == N/2 + save + resume N/2
     (bitwise, CPU, same seed); --eval-only reproduces the final evaluation; bad input errors clearly."""
