@@ -604,13 +604,12 @@ def evaluate_all(args: Args, models: dict, test_tasks, train_tasks, device, run_
     curves["random"] = np.full(E, random_returns(args.env, streams, 20, args.seed).mean())
     optimal = BatchDarkRoom(args.env, test_tasks).optimal_returns().mean()
     curves["optimal"] = np.full(E, optimal)
-    thr = 0.75 * optimal
     full = {"AD": curves["AD"], "ED": curves["ED"], "source": src}   # the source curve: all its episodes
-    reach = {k: episodes_to_reach(c, thr) for k, c in full.items()}
+    reach = {pct: {k: episodes_to_reach(c, pct / 100 * optimal) for k, c in full.items()} for pct in (50, 75)}
     summary = (f"{args.env}: {len(test_tasks)} held-out tasks x {args.eval_repeats} runs, {E} episodes in context "
                f"({'argmax' if args.argmax else 'sampled'} actions). Episodes until the 5-episode mean return "
-               f"reaches {thr:.2f} (75% of optimal): " +
-               ", ".join(f"{k} {v if v else f'> {len(full[k])}'}" for k, v in reach.items()))
+               "reaches " + "; ".join(f"{pct / 100 * optimal:.2f} ({pct}% of optimal): " + ", ".join(
+                   f"{k} {v if v else f'> {len(full[k])}'}" for k, v in r.items()) for pct, r in reach.items()))
     write_results(run_dir, curves, summary)
     print("[ad] " + summary)
     show = sorted({e for e in (1, 5, 10, 20, 30, 40, E) if e <= E})
@@ -618,7 +617,7 @@ def evaluate_all(args: Args, models: dict, test_tasks, train_tasks, device, run_
     for k, c in curves.items():
         print(f"[ad] {k[:10]:10s} " + " ".join(f"{c[e - 1]:5.2f}" for e in show))
     out = {f"{k}_curve": [float(x) for x in c] for k, c in curves.items()}
-    out.update({f"{k}_episodes_to_75pct": v for k, v in reach.items()})
+    out.update({f"{k}_episodes_to_{pct}pct": v for pct, r in reach.items() for k, v in r.items()})
     for k in models:
         out[f"{k}_first"] = float(curves[k][0])
         out[f"{k}_ep40"] = float(curves[k][min(40, E) - 1])
