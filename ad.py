@@ -676,6 +676,9 @@ def main(argv=None) -> dict:
         raise ValueError(f"unknown --env {args.env!r}: use one of {', '.join(ENV_CONFIG)}")
     if args.context_episodes < 1 or args.subsample < 1:
         raise ValueError("--context-episodes and --subsample must be >= 1")
+    if not (0 <= args.q_eps_end <= 1 and 0 < args.q_eps_decay <= 1 and 0 < args.q_lr <= 1 and 0 <= args.q_gamma < 1):
+        raise ValueError("Q-learning needs 0 <= --q-eps-end <= 1, 0 < --q-eps-decay <= 1 (a fraction of the "
+                         "episodes), 0 < --q-lr <= 1 and 0 <= --q-gamma < 1")
     loaded = None
     if args.eval_only:
         if not args.checkpoint:

@@ -193,3 +193,5 @@ def test_bad_arguments_are_explained(tmp_path):
         ad.main(["--n-train-tasks", "80", "--n-test-tasks", "16", "--run-dir", str(tmp_path)])
     with pytest.raises(ValueError, match="--eval-only needs --checkpoint"):
         ad.main(["--eval-only", "--run-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="--q-eps-decay"):
+        ad.main(["--q-eps-decay", "-1", "--run-dir", str(tmp_path)])
