@@ -238,6 +238,15 @@ def test_policy_skips_finished_episodes(bins):
         pols[1].observe(rew, np.array([False, step >= 1, False]))
 
 
+def test_mgdt_loss_is_action_loss_plus_weighted_return_loss():
+    args = tiny_args(return_bins=6, return_loss_weight=0.25)
+    model = dt.DecisionTransformer(3, 2, args)
+    opt, sched = dt.make_optimizer(model, args)
+    s, a, r, t = random_batch(args)
+    out = dt.train_step(model, model, opt, sched, (s, a, r, t, torch.ones(2, args.context_len, dtype=torch.bool)), args)
+    torch.testing.assert_close(out["total_loss"], out["action_loss"] + 0.25 * out["return_loss"])
+
+
 def test_smoke_resume_and_eval_only(tiny_dataset, tmp_path):
     """The script trains, checkpoints and evaluates; N straight == N/2 + save + resume N/2
     (bitwise, CPU, same seed); --eval-only reproduces the final evaluation; bad input errors clearly."""
