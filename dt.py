@@ -422,6 +422,8 @@ def check_args(args: Args) -> Args:
         raise ValueError("need --warmup-steps >= 0, 0 <= --dropout < 1 and --reward-scale > 0")
     if args.embed_dim % args.n_head:
         raise ValueError(f"--embed-dim {args.embed_dim} must be divisible by --n-head {args.n_head}")
+    if args.return_loss_weight < 0:
+        raise ValueError(f"--return-loss-weight must be >= 0, got {args.return_loss_weight}")
     if args.return_bins == 1 or args.return_bins < 0:
         raise ValueError(f"--return-bins must be 0 (plain DT) or >= 2, got {args.return_bins}")
     if args.eval_only and not args.checkpoint:

@@ -277,6 +277,8 @@ def test_smoke_resume_and_eval_only(tiny_dataset, tmp_path):
         dt.main(TINY + ["--eval-only", "--checkpoint", str(bad)])
     with pytest.raises(ValueError, match="--checkpoint"):
         dt.main(TINY + ["--eval-only"])
+    with pytest.raises(ValueError, match="--return-loss-weight"):
+        dt.main(TINY + ["--return-bins", "8", "--return-loss-weight", "-1"])
 
 
 def test_smoke_mgdt(tiny_dataset, tmp_path):
