@@ -613,10 +613,11 @@ def evaluate_all(args: Args, models: dict, test_tasks, train_tasks, device, run_
     curves["optimal"] = np.full(E, optimal)
     full = {"AD": curves["AD"], "ED": curves["ED"], "source": src}   # the source curve: all its episodes
     reach = {pct: {k: episodes_to_reach(c, pct / 100 * optimal) for k, c in full.items()} for pct in (50, 75)}
+    parts = [f"{pct / 100 * optimal:.2f} ({pct}% of optimal): "
+             + ", ".join(f"{k} {v if v else f'> {len(full[k])}'}" for k, v in r.items()) for pct, r in reach.items()]
     summary = (f"{args.env}: {len(test_tasks)} held-out tasks x {args.eval_repeats} runs, {E} episodes in context "
                f"({'argmax' if args.argmax else 'sampled'} actions). Episodes until the 5-episode mean return "
-               "reaches " + "; ".join(f"{pct / 100 * optimal:.2f} ({pct}% of optimal): " + ", ".join(
-                   f"{k} {v if v else f'> {len(full[k])}'}" for k, v in r.items()) for pct, r in reach.items()))
+               "reaches " + "; ".join(parts))
     write_results(run_dir, curves, summary)
     print("[ad] " + summary)
     show = sorted({e for e in (1, 5, 10, 20, 30, 40, E) if e <= E})
