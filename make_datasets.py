@@ -21,13 +21,28 @@ import argparse
 import multiprocessing as mp
 import os
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from common import (DATASETS, ENVS, KEYS, REF_SCORES, DatasetError, data_dir, dataset_path,
-                    env_dims, load_dataset, make_env, normalized_score, save_npz, split_episodes,
-                    tqdm)
+from common import (
+    DATASETS,
+    ENVS,
+    KEYS,
+    REF_SCORES,
+    DatasetError,
+    data_dir,
+    dataset_path,
+    env_dims,
+    env_id,
+    load_dataset,
+    make_env,
+    normalized_score,
+    save_npz,
+    split_episodes,
+    tqdm,
+)
 
 # --------------------------------------------------------------------------------------
 # Offline generation with Augmented Random Search (V2-t)
@@ -256,7 +271,50 @@ def generate_dataset(env: str, dataset: str, size: int | None = None, seed: int 
 
 
 
-# ---------------------------------------------------------------------------------- other formats
+# ---------------------------------------------------------------------------------- import and validate
+def validate_dataset(data: dict, env: str, source: str = "dataset") -> dict:
+    """Keys, shapes, finite values, 0 / 1 flags and the env's sizes, checked; float32 arrays and
+    bool flags out; `next_observations` made from the next row when absent."""
+    if missing := [k for k in KEYS[:5] if k not in data]:
+        raise DatasetError(f"{source}: missing key(s) {missing}; a D4RL dataset has {list(KEYS)}")
+    n, out, flat = len(data["rewards"]), {}, ("rewards", "terminals", "timeouts")
+    for k in (k for k in KEYS if k in data):
+        try:
+            v = np.asarray(data[k], dtype=np.float32)
+        except (TypeError, ValueError) as e:
+            raise DatasetError(f"{source}: {k!r} is not numeric ({np.asarray(data[k]).dtype})") from e
+        if n == 0 or len(v) != n or v.ndim != (1 if k in flat else 2):
+            raise DatasetError(f"{source}: {k!r} has shape {v.shape}, not ({n},"
+                               f"{'' if k in flat else ' dim'}) with {n} > 0 rows")
+        if not np.isfinite(v).all():
+            row = int((~np.isfinite(v)).reshape(n, -1).any(1).argmax())
+            raise DatasetError(f"{source}: {k!r} is NaN or inf at row {row}; clean the data")
+        if k in flat[1:] and not np.isin(v, (0.0, 1.0)).all():
+            raise DatasetError(f"{source}: {k!r} holds values other than 0 / 1 (they are flags)")
+        out[k] = v.astype(bool) if k in flat[1:] else v
+    if not (out["terminals"][-1] or out["timeouts"][-1]):
+        print(f"[seqrl] {source}: the last episode has no end flag; it ends with a timeout")
+        out["timeouts"][-1] = True
+    if "next_observations" not in out:  # the next row; an episode's last row repeats itself
+        end = (out["terminals"] | out["timeouts"])[:, None]
+        out["next_observations"] = np.where(end, out["observations"],
+                                            np.roll(out["observations"], -1, axis=0))
+    obs_dim, act_dim = env_dims(env)
+    for k, dim in (("observations", obs_dim), ("actions", act_dim), ("next_observations", obs_dim)):
+        if out[k].shape[1] != dim:
+            raise DatasetError(f"{source}: {k} have {out[k].shape[1]} dims but {env_id(env)} has "
+                               f"{dim}; is it a dataset of another env? (set --env)")
+    return out
+
+
+def read_npz(path) -> dict:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
+        raise DatasetError(f"{path}: not a readable .npz file ({e})") from e
+
+
 def read_hdf5(path, env: str) -> dict:
     """A D4RL .hdf5 file (v2, or v0 without `timeouts`: derived from the env's step limit, as
     d4rl's own qlearning_dataset did)."""
@@ -310,17 +368,25 @@ def read_minari(dataset_id: str) -> tuple[dict, str]:
 
 
 def prepare(env, dataset, path=None, size=None, seed=0, budget=None, verbose=True):
-    """What common.load_dataset asks for on a cache miss: (raw arrays, env, run name)."""
+    """What common.load_dataset asks for when the cache misses: (validated arrays, env, name)."""
     if path is not None:
-        return read_hdf5(path, env), env, Path(path).stem
+        if not Path(path).is_file():
+            raise DatasetError(f"dataset file {path} does not exist")
+        hdf5 = Path(path).suffix in (".hdf5", ".h5")
+        raw = read_hdf5(path, env) if hdf5 else read_npz(path)
+        return validate_dataset(raw, env, str(path)), env, Path(path).stem
     if "/" in dataset:
-        data, env = read_minari(dataset)
-        return data, env, dataset.replace("/", "-")
+        raw, env = read_minari(dataset)
+        return validate_dataset(raw, env, dataset), env, dataset.replace("/", "-")
+    if dataset not in DATASETS:
+        raise DatasetError(f"unknown dataset {dataset!r}: use one of {', '.join(DATASETS)}, a "
+                           f"Minari id (mujoco/hopper/medium-v0) or a file (--dataset-path)")
     if env not in ENVS:
         raise DatasetError(f"generation supports {', '.join(ENVS)}; for {env} pass --dataset-path")
     if verbose:
         print(f"[seqrl] {env}/{dataset} not cached: generating it offline with ARS (seed {seed})")
     data = generate_dataset(env, dataset, size=size, seed=seed, budget=budget, verbose=verbose)
+    data = validate_dataset(data, env, dataset)
     save_npz(dataset_path(env, dataset, size, seed, budget), data)
     if verbose:
         print(dataset_summary(env, dataset, data))
