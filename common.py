@@ -1,7 +1,5 @@
-"""common.py: what every seqrl file shares, nothing algorithmic. Environments and D4RL scores,
-datasets (load_dataset: a file, a Minari id, the cache, or make_datasets.py), episode helpers,
-vectorized evaluation, flags from `@dataclass Args`, and `Run`: the run folder, logs, progress bar,
-resume, Ctrl-C and portable checkpoints (torch.load(path, weights_only=True) opens them)."""
+"""common.py, what every seqrl file shares: envs, D4RL scores, datasets, episodes, vectorized
+evaluation, flags from `@dataclass Args`, and `Run` (run folder, logs, resume, checkpoints)."""
 from __future__ import annotations
 
 import argparse
@@ -14,7 +12,6 @@ import random
 import signal
 import textwrap
 import time
-import types
 import typing
 from pathlib import Path
 
@@ -24,13 +21,10 @@ import torch
 from tqdm.auto import tqdm
 
 ENVS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
-# D4RL reference returns (random, expert) of the v2 envs (d4rl/infos.py); a Minari dataset adds
-# its own (ref_min_score, ref_max_score) under its id when it is loaded.
+# D4RL (random, expert) returns of the v2 envs (d4rl/infos.py); Minari ids add their own on load
 REF_SCORES = {"hopper": (-20.272305, 3234.3), "halfcheetah": (-280.178953, 12135.0),
               "walker2d": (1.629008, 4592.3)}
-DATASETS = ("random", "medium", "medium-replay", "expert", "medium-expert")
 KEYS = ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")
-
 
 class DatasetError(ValueError):
     """A dataset that cannot be used as it is."""
@@ -38,13 +32,11 @@ class DatasetError(ValueError):
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or lacks what is needed."""
 
-
 def env_id(env: str) -> str:
     """hopper -> Hopper-v5; registered Gymnasium ids pass through; anything else is an error."""
     if env in ENVS or env in gym.registry:
         return ENVS.get(env, env)
-    raise ValueError(f"unknown env {env!r}: use one of {', '.join(ENVS)} or a registered "
-                     f"Gymnasium id such as InvertedPendulum-v5")
+    raise ValueError(f"unknown env {env!r}: use {', '.join(ENVS)} or a Gymnasium id (Hopper-v5)")
 
 def make_env(env: str) -> gym.Env:
     return gym.make(env_id(env), disable_env_checker=True)  # the checker costs ~20% of a step
@@ -58,7 +50,6 @@ def normalized_score(env: str, returns, dataset: str | None = None) -> np.ndarra
     lo, hi = REF_SCORES.get(dataset, REF_SCORES.get(env, (np.nan, np.nan)))
     return 100.0 * (np.asarray(returns, dtype=np.float64) - lo) / (hi - lo)
 
-
 def returns_to_go(rewards, gamma: float = 1.0) -> np.ndarray:
     """R_t = sum_{k >= t} gamma^(k - t) r_k over one episode."""
     out, running = np.zeros(len(rewards)), 0.0
@@ -68,11 +59,9 @@ def returns_to_go(rewards, gamma: float = 1.0) -> np.ndarray:
 
 def split_episodes(data: dict) -> list[dict]:
     """A flat D4RL dict -> one dict of views per episode, cut after each terminal or timeout."""
-    n = len(data["rewards"])
-    cuts = [0, *(np.flatnonzero(np.logical_or(data["terminals"], data["timeouts"])) + 1)]
-    cuts += [n] if cuts[-1] < n else []
+    ends = np.flatnonzero(np.logical_or(data["terminals"], data["timeouts"])) + 1
+    cuts = np.unique([0, *ends, n := len(data["rewards"])])
     return [{k: v[a:b] for k, v in data.items() if len(v) == n} for a, b in zip(cuts, cuts[1:])]
-
 
 def data_dir() -> Path:
     return Path(os.environ.get("SEQRL_DATA_DIR", Path.home() / ".cache" / "seqrl"))
@@ -80,7 +69,6 @@ def data_dir() -> Path:
 def dataset_path(env, dataset, size=None, seed=0, budget=None) -> Path:
     ars = "" if budget is None else f"-ars{budget}"
     return data_dir() / f"{env}-{dataset}-{size or 'default'}-seed{seed}{ars}.npz"
-
 
 def atomic_write(path, write_fn) -> None:
     """write_fn(tmp) into a temp file beside `path`, then rename: never half a file."""
@@ -95,47 +83,39 @@ def atomic_write(path, write_fn) -> None:
 def save_npz(path, data: dict) -> None:
     atomic_write(path, lambda tmp: np.savez(open(tmp, "wb"), **data))
 
-
 class Dataset(dict):
-    """The D4RL arrays, plus `env` (to evaluate on) and `name` (for the run folder)."""
+    """The D4RL arrays, and `env`: the env to evaluate on (a Minari dataset's own)."""
 
 def load_dataset(env: str, dataset: str = "medium", *, path=None, size=None, seed=0,
                  budget=None, verbose=True) -> Dataset:
-    """D4RL-style arrays of `env`: from the cache `$SEQRL_DATA_DIR` (default ~/.cache/seqrl), or
-    else make_datasets.py reads `path` (.npz, D4RL .hdf5) or a Minari id (`dataset` with a "/";
-    the env is the dataset's), or generates `dataset`, and validates it."""
+    """D4RL arrays from the cache, else make_datasets.py reads `path` or Minari, or generates."""
     env_id(env)
     cached = dataset_path(env, dataset, size, seed, budget)
     if path is None and cached.exists():  # written by make_datasets.py, validated then
         with np.load(cached) as f:
-            raw, name = {k: f[k] for k in f.files}, dataset
+            raw = {k: f[k] for k in f.files}
     else:
         try:
             import make_datasets
-        except ImportError:
+        except ModuleNotFoundError:
             raise DatasetError(f"{path or dataset} is not in the cache {data_dir()}; generating or "
                                f"reading data needs make_datasets.py beside common.py") from None
-        raw, env, name = make_datasets.prepare(env, dataset, path, size, seed, budget, verbose)
+        raw, env = make_datasets.prepare(env, dataset, path, size, seed, budget, verbose)
     out = Dataset(raw)
-    out.env, out.name = env, name
+    out.env = env
     return out
 
-
-def evaluate(policy, env: str, n_episodes=10, seed=0, max_steps=None, progress=True,
-             dataset=None) -> dict:
-    """All episodes at once in a Gymnasium vector env, episode i seeded seed + i. policy(obs (n,
-    obs_dim) float32) -> actions (n, act_dim); optional hooks policy.reset(n) and, after each
-    step, policy.observe(rewards, dones). Later actions of a finished episode are ignored (the
-    next-step autoreset is masked). Returns arrays returns, lengths, normalized."""
+def evaluate(policy, env: str, n_episodes=10, seed=0, max_steps=None, progress=True, dataset=None):
+    """Episode i (seeded seed + i) of n at once: policy(obs (n, obs_dim)) -> actions (n, act_dim),
+    hooks policy.reset(n), policy.observe(rewards, dones); a finished episode's actions ignored."""
     envs = gym.vector.SyncVectorEnv([lambda: make_env(env)] * n_episodes,
                                     autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
     obs, _ = envs.reset(seed=[seed + i for i in range(n_episodes)])
     getattr(policy, "reset", lambda n: None)(n_episodes)
-    returns, lengths = np.zeros(n_episodes), np.zeros(n_episodes, dtype=np.int64)
-    active = np.ones(n_episodes, dtype=bool)
+    returns, lengths = np.zeros(n_episodes), np.zeros(n_episodes, int)
+    active = np.ones(n_episodes, bool)
     limit = max_steps or envs.envs[0].spec.max_episode_steps or 10**6
-    with tqdm(total=n_episodes * limit, desc="eval", unit="step", disable=not progress,
-              leave=False) as bar:
+    with tqdm(total=n_episodes * limit, desc="eval", unit="step", disable=not progress) as bar:
         for _ in range(limit):
             act = policy(obs.astype(np.float32))
             act = act.detach().cpu().numpy() if isinstance(act, torch.Tensor) else np.asarray(act)
@@ -151,19 +131,18 @@ def evaluate(policy, env: str, n_episodes=10, seed=0, max_steps=None, progress=T
     return dict(returns=returns, lengths=lengths,
                 normalized=normalized_score(env, returns, dataset))
 
-
 def parse_args(cls, argv=None):
     """Flags from a dataclass's fields, --help from the string under each field (CleanRL
     style); --wandb-project / --wandb-entity set wandb's own WANDB_PROJECT / WANDB_ENTITY."""
     body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
     docs = {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
-    desc = (inspect.getmodule(cls).__doc__ or "").strip().split("\n")[0]
-    parser = argparse.ArgumentParser(description=desc,
+    doc = (inspect.getmodule(cls).__doc__ or "").split("\n")[0]
+    parser = argparse.ArgumentParser(description=doc,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(cls):
         typ = typing.get_type_hints(cls)[f.name]
-        if typing.get_origin(typ) in (typing.Union, types.UnionType):  # Optional[X] -> X
+        if type(None) in typing.get_args(typ):  # Optional[X] -> X
             typ = next(a for a in typing.get_args(typ) if a is not type(None))
         kw = dict(default=f.default, help=docs.get(f.name, " ").replace("%", "%%"), dest=f.name)
         if typ is bool:
@@ -176,11 +155,10 @@ def parse_args(cls, argv=None):
     parser.add_argument("--wandb-project", help="wandb project (with --track)")
     parser.add_argument("--wandb-entity", help="wandb entity (with --track)")
     values = vars(parser.parse_args(argv))
-    for key in ("wandb_project", "wandb_entity"):
+    for key in ("wandb_project", "wandb_entity"):  # wandb reads WANDB_PROJECT, WANDB_ENTITY
         if value := values.pop(key):
             os.environ[key.upper()] = value
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
-
 
 def set_seed(seed: int) -> None:
     random.seed(seed)
@@ -190,53 +168,56 @@ def set_seed(seed: int) -> None:
 def get_device(cuda: bool = True) -> torch.device:
     return torch.device("cuda" if cuda and torch.cuda.is_available() else "cpu")
 
-
 def rng_state() -> dict:
     """Python, numpy, torch and CUDA RNG states as tensors and numbers (weights_only-safe)."""
     _, keys, *rest = np.random.get_state()
     return dict(python=torch.tensor(random.getstate()[1]), numpy=torch.from_numpy(keys.astype(int)),
-                numpy_rest=tuple(rest), torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+                np_rest=tuple(rest), torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all())
 
 def set_rng_state(state: dict) -> None:
     random.setstate((3, tuple(state["python"].tolist()), None))
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), *state["numpy_rest"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), *state["np_rest"]))
     torch.set_rng_state(state["torch"].cpu())
-    if torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+    if len(state["cuda"]) == torch.cuda.device_count():  # 0 == 0 without CUDA
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
-    elif torch.cuda.is_available() or state["cuda"]:
+    else:
         print("[seqrl] not the run's devices: the CUDA random streams restart, not continue")
 
 def load_checkpoint(path, algo: str | None = None) -> dict:
     """A checkpoint dict, read with weights_only=True onto the CPU; CheckpointError if unusable."""
-    if not Path(path).is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; pass runs/<run>/checkpoint.pt")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path} is corrupt or not a seqrl checkpoint ({e})"[:300]) from e
+    except Exception as e:  # missing, truncated, not torch, or pickled objects
+        raise CheckpointError(f"cannot read checkpoint {path}: {e}"[:300]) from e
     if not isinstance(ckpt, dict) or "algo" not in ckpt:
         raise CheckpointError(f"{path} is not a seqrl checkpoint (no 'algo' key)")
     if algo is not None and ckpt["algo"] != algo:
         raise CheckpointError(f"{path} is a {ckpt['algo']} checkpoint: use {ckpt['algo']}.py")
     return ckpt
 
-
 class Run:
-    """A training run: runs/{env}__{exp_name}__{seed}__{time}/ with args.json, metrics.jsonl,
-    TensorBoard (--tensorboard), wandb (--track), the progress bar, --resume and checkpoints:
-    run = Run(args, "dt", model=model, optimizer=optimizer, sampler=generator), then
-    `for step in run.loop(args.total_steps):` the update, run.log(...), run.save() at evaluations;
-    run.finish(). Keyword objects are saved with state_dict() (a torch.Generator: get_state()) and
-    restored by --resume; `extra` (tensors, numbers, strings, or a function giving them) is saved
-    as is. Ctrl-C: the update in flight ends, a checkpoint is saved, exit 130 (twice: abort)."""
+    """runs/{env}__{exp_name}__{seed}__{time}/ (args.json, metrics.jsonl, TensorBoard, wandb), bar,
+    --resume, checkpoints: Run(args, "dt", model=m, optimizer=o, sampler=generator); `for step in
+    run.loop(total):` update, run.log(...), run.save(); run.finish(). Keyword objects are saved by
+    state_dict() (a Generator: get_state()) and restored on --resume; `extra` (or a function giving
+    it) is saved as is. Ctrl-C: the update in flight ends, a checkpoint is saved, exit 130."""
 
     def __init__(self, args, algo: str, extra=None, **objects):
         self.args, self.algo, self.extra, self.objects = args, algo, extra, objects
-        self.step, self.total, self.saved, self.stop, self.bar = 0, 0, -1, False, None
-        if getattr(args, "resume", None):
-            self.dir = Path(args.resume).parent
-            self.restore(load_checkpoint(args.resume, algo))
+        self.step, self.total, self.saved, self.stop, self.bar = 0, 0, -1, False, tqdm(disable=True)
+        if getattr(args, "resume", None):  # every object's state, the RNGs and the step
+            self.dir, ckpt = Path(args.resume).parent, load_checkpoint(args.resume, algo)
+            for name, obj in objects.items():
+                if not isinstance(obj, torch.Generator):
+                    obj.load_state_dict(ckpt[name])
+                elif obj.get_state().numel() == ckpt[name].numel():
+                    obj.set_state(ckpt[name])
+                else:  # a CUDA generator's state does not fit a CPU one, and vice versa
+                    obj.manual_seed(args.seed + ckpt["step"])
+                    print(f"[seqrl] {name}: the run used another device; reseeded, not continued")
+            set_rng_state(ckpt["rng"])
+            self.step = ckpt["step"]
         else:
             path, dataset = getattr(args, "dataset_path", None), getattr(args, "dataset", "")
             tag = Path(path).stem if path else args.env if "/" not in dataset else dataset
@@ -245,32 +226,18 @@ class Run:
                 name + (f"-{i}" if i else ""))).exists())  # unique within one second too
             self.dir.mkdir(parents=True)
         cfg = dataclasses.asdict(args)
-        atomic_write(self.dir / "args.json", lambda tmp: Path(tmp).write_text(json.dumps(cfg)))
+        (self.dir / "args.json").write_text(json.dumps(cfg, indent=1))
         self.tb = self.wandb = None
         if getattr(args, "tensorboard", False):
             from torch.utils.tensorboard import SummaryWriter  # needs: pip install tensorboard
             self.tb = SummaryWriter(str(self.dir))
-            table = "\n".join(f"|{k}|{v}|" for k, v in cfg.items())
-            self.tb.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+            self.tb.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
+                f"|{k}|{v}|" for k, v in cfg.items()))
         if getattr(args, "track", False):
             import wandb  # pip install wandb
             self.wandb = wandb.init(name=self.dir.name, id=self.dir.name, config=cfg,
                                     dir=str(self.dir), resume="allow")
         self.sps = (self.step, time.time())
-
-    def restore(self, ckpt: dict) -> None:
-        for name, obj in self.objects.items():
-            if name not in ckpt:
-                raise CheckpointError(f"{self.args.resume} lacks {name!r}: not a {self.algo} run?")
-            if not isinstance(obj, torch.Generator):
-                obj.load_state_dict(ckpt[name])
-            elif obj.get_state().numel() == ckpt[name].numel():
-                obj.set_state(ckpt[name])
-            else:  # a CUDA generator's state does not fit a CPU one, and vice versa
-                obj.manual_seed(self.args.seed + ckpt["step"])
-                print(f"[seqrl] {name}: the run used another device; reseeded, not continued")
-        set_rng_state(ckpt["rng"])
-        self.step = ckpt["step"]
 
     def save(self) -> Path:
         extra = self.extra() if callable(self.extra) else self.extra or {}
@@ -311,22 +278,23 @@ class Run:
         now, rec = time.time(), {k: torch.as_tensor(v).item() for k, v in metrics.items()}
         if any(k.startswith("losses/") for k in rec) and self.step > self.sps[0]:
             rec["charts/SPS"] = (self.step - self.sps[0]) / max(now - self.sps[1], 1e-9)
-        if "charts/SPS" in rec or any(k.startswith("eval/") for k in rec):
-            self.sps = (self.step, now)  # evaluation time stays out of SPS
+        self.sps = (self.step, now)  # SPS since the last log: evaluation time stays out
         with open(self.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": self.step, "time": now, **rec}) + "\n")
         for k, v in rec.items() if self.tb else ():  # TensorBoard, when on
             self.tb.add_scalar(k, v, self.step)
         if self.wandb:
             self.wandb.log(rec, step=self.step)
-        if self.bar is not None:
-            self.bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in rec.items()
-                                  if k.startswith("losses/") or k == "eval/normalized_score"})
+        self.bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in rec.items()
+                              if k.startswith("losses/") or k == "eval/normalized_score"})
 
     def finish(self) -> Path:
         """The last checkpoint (unless just saved); loggers closed; returns the run folder."""
         if self.saved != self.step:
             self.save()
-        _ = self.tb and self.tb.close(), self.wandb and self.wandb.finish()
+        if self.tb:
+            self.tb.close()
+        if self.wandb:
+            self.wandb.finish()
         print(f"[seqrl] run folder {self.dir}")
         return self.dir

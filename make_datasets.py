@@ -1,6 +1,6 @@
-"""make_datasets.py: offline D4RL-style datasets for seqrl, generated once (like nanoGPT's prepare.py).
+"""make_datasets.py: seqrl's data preparation, run once (like nanoGPT's prepare.py).
 
-    python make_datasets.py --env hopper --dataset medium        # writes $SEQRL_DATA_DIR (~/.cache/seqrl)
+    python make_datasets.py --env hopper --dataset medium   # into $SEQRL_DATA_DIR (~/.cache/seqrl)
 
 Augmented Random Search (Mania et al. 2018, arXiv 1803.07055, variant V2-t: a linear policy on
 running-normalized observations, antithetic perturbations, the top-b directions) trains one linear
@@ -12,9 +12,11 @@ policy per (env, seed, budget); its rollouts give D4RL's five datasets:
     medium-expert  medium + expert, concatenated (as D4RL)
 Deviation from D4RL: D4RL used SAC policies on the v2 environments; here ARS runs on the Gymnasium
 v5 environments because it needs nothing but numpy and a few CPU minutes, so scores normalized with
-the D4RL references are labelled "D4RL-normalized". Deterministic per seed; files written atomically.
-`common.load_dataset` calls `prepare` on a cache miss (and for D4RL .hdf5 files and Minari ids).
+the D4RL references are labelled "D4RL-normalized". Deterministic per seed; atomic writes.
+`common.load_dataset` calls `prepare` on a cache miss: it generates, or reads and validates a
+user's .npz / D4RL .hdf5 file or a local Minari dataset.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,7 +29,6 @@ from pathlib import Path
 import numpy as np
 
 from common import (
-    DATASETS,
     ENVS,
     KEYS,
     REF_SCORES,
@@ -50,6 +51,7 @@ from common import (
 # Per-env ARS settings (Mania et al. 2018, Table 9; alive-bonus shift Sec. 4.2) and our budget.
 # halfcheetah uses N=8, b=4 instead of the paper's N=32: measured here, it reaches ~3400 in 1.5M
 # steps where N=32 reached ~2000 and N=16, b=8 ~2300 (each iteration costs 2N 1000-step episodes).
+DATASETS = ("random", "medium", "medium-replay", "expert", "medium-expert")
 ARS_CONFIG = {
     "hopper": dict(step_size=0.01, noise=0.025, n_dirs=8, top=4, shift=1.0, budget=1_000_000),
     "halfcheetah": dict(step_size=0.02, noise=0.03, n_dirs=8, top=4, shift=0.0, budget=2_500_000),
@@ -69,7 +71,11 @@ def _rollout(job: dict) -> dict:
     rng = np.random.default_rng(job["seed"])
     low, high = env.action_space.low, env.action_space.high
     M, mean, std = job.get("M"), job.get("mean"), job.get("std")
-    record, max_tr, noise = job.get("record", False), job.get("max_transitions"), job.get("noise", 0.0)
+    record, max_tr, noise = (
+        job.get("record", False),
+        job.get("max_transitions"),
+        job.get("noise", 0.0),
+    )
     rows = {k: [] for k in KEYS}
     returns, shifted, lengths, obs_sum, obs_sq, count = [], [], [], 0.0, 0.0, 0
     ep = 0
@@ -101,8 +107,14 @@ def _rollout(job: dict) -> dict:
         ep += 1
         if max_tr is None or count >= max_tr:
             break
-    out = dict(returns=np.array(returns), shifted=np.array(shifted), lengths=np.array(lengths),
-               obs_sum=obs_sum, obs_sq=obs_sq, count=count)
+    out = dict(
+        returns=np.array(returns),
+        shifted=np.array(shifted),
+        lengths=np.array(lengths),
+        obs_sum=obs_sum,
+        obs_sq=obs_sq,
+        count=count,
+    )
     if record:
         dtypes = (np.float32, np.float32, np.float32, bool, bool, np.float32)
         out["data"] = {k: np.asarray(rows[k], dtype=dt) for k, dt in zip(KEYS, dtypes)}
@@ -115,6 +127,7 @@ def _concat(parts: list[dict]) -> dict:
 
 class _Pool:
     """Process pool for rollouts (deterministic: results come back in job order)."""
+
     def __init__(self, workers: int | None):
         self.workers = workers or max(1, min(os.cpu_count() or 1, 8))
         # fork where available: workers only run numpy + MuJoCo, and fork (unlike spawn) works
@@ -138,8 +151,14 @@ class _Pool:
             self.pool.terminate()
 
 
-def run_ars(env: str, seed: int = 0, budget: int | None = None, workers: int | None = None,
-            verbose: bool = True, pool: _Pool | None = None) -> dict:
+def run_ars(
+    env: str,
+    seed: int = 0,
+    budget: int | None = None,
+    workers: int | None = None,
+    verbose: bool = True,
+    pool: _Pool | None = None,
+) -> dict:
     """Train a linear policy with ARS V2-t for `budget` env steps, recording every training
     rollout (for medium-replay) and a policy snapshot at every evaluation."""
     cfg = dict(ARS_CONFIG[env])
@@ -161,21 +180,46 @@ def run_ars(env: str, seed: int = 0, budget: int | None = None, workers: int | N
             jobs = []
             for k in range(cfg["n_dirs"]):
                 for sign in (1.0, -1.0):
-                    jobs.append(dict(env=env, M=M + sign * cfg["noise"] * deltas[k], mean=mean, std=std,
-                                     seed=int(rng.integers(2**31)), record=True, shift=cfg["shift"]))
+                    jobs.append(
+                        dict(
+                            env=env,
+                            M=M + sign * cfg["noise"] * deltas[k],
+                            mean=mean,
+                            std=std,
+                            seed=int(rng.integers(2**31)),
+                            record=True,
+                            shift=cfg["shift"],
+                        )
+                    )
             evaluate_now = it % 5 == 0
-            eval_jobs = [dict(env=env, M=M.copy(), mean=mean, std=std, seed=int(rng.integers(2**31)))
-                         for _ in range(3)] if evaluate_now else []
+            eval_jobs = (
+                [
+                    dict(env=env, M=M.copy(), mean=mean, std=std, seed=int(rng.integers(2**31)))
+                    for _ in range(3)
+                ]
+                if evaluate_now
+                else []
+            )
             results = pool.map(jobs + eval_jobs)
-            train, evals = results[:len(jobs)], results[len(jobs):]
+            train, evals = results[: len(jobs)], results[len(jobs) :]
             if evaluate_now:
-                snapshots.append(dict(iteration=it, steps=steps, M=M.copy(), mean=mean.copy(), std=std.copy(),
-                                      eval_return=float(np.mean([r["returns"][0] for r in evals])),
-                                      history_len=len(history)))
+                snapshots.append(
+                    dict(
+                        iteration=it,
+                        steps=steps,
+                        M=M.copy(),
+                        mean=mean.copy(),
+                        std=std.copy(),
+                        eval_return=float(np.mean([r["returns"][0] for r in evals])),
+                        history_len=len(history),
+                    )
+                )
             r = np.array([res["shifted"][0] for res in train]).reshape(cfg["n_dirs"], 2)
             top = np.argsort(-r.max(1))[: cfg["top"]]  # V2-t: keep the best b directions
             sigma = r[top].std() + 1e-8
-            M = M + cfg["step_size"] / (cfg["top"] * sigma) * np.einsum("k,kij->ij", r[top, 0] - r[top, 1], deltas[top])
+            M = M + cfg["step_size"] / (cfg["top"] * sigma) * np.einsum(
+                "k,kij->ij", r[top, 0] - r[top, 1], deltas[top]
+            )
             for res in train:  # V2: running observation statistics from every visited state
                 s_sum += res["obs_sum"]
                 s_sq += res["obs_sq"]
@@ -200,9 +244,20 @@ def _roll_policy(env, snap, noise, size, seed, pool, chunks=16, verbose=False):
     """Roll a snapshot (or uniform actions when snap is None) out to exactly `size` transitions."""
     sizes = [size // chunks + (1 if i < size % chunks else 0) for i in range(chunks)]
     rng = np.random.default_rng(seed)
-    jobs = [dict(env=env, M=None if snap is None else snap["M"], mean=None if snap is None else snap["mean"],
-                 std=None if snap is None else snap["std"], noise=noise, seed=int(rng.integers(2**31)),
-                 record=True, max_transitions=s) for s in sizes if s > 0]
+    jobs = [
+        dict(
+            env=env,
+            M=None if snap is None else snap["M"],
+            mean=None if snap is None else snap["mean"],
+            std=None if snap is None else snap["std"],
+            noise=noise,
+            seed=int(rng.integers(2**31)),
+            record=True,
+            max_transitions=s,
+        )
+        for s in sizes
+        if s > 0
+    ]
     parts = []
     with tqdm(total=size, desc=f"rollout {env}", unit="step", disable=not verbose) as bar:
         for r in pool.imap(jobs):
@@ -218,9 +273,13 @@ def _ars_policies(env: str, seed: int, budget: int | None, pool: _Pool, verbose:
     if file.exists():
         with np.load(file) as f:
             z = {k: f[k] for k in f.files}
-        snap = lambda p: {k: z[f"{p}_{k}"] for k in ("M", "mean", "std", "eval_return")}
-        return dict(medium=snap("medium"), expert=snap("expert"),
-                    replay={k: z[f"replay_{k}"] for k in KEYS})
+
+        def snap(p):
+            return {k: z[f"{p}_{k}"] for k in ("M", "mean", "std", "eval_return")}
+
+        return dict(
+            medium=snap("medium"), expert=snap("expert"), replay={k: z[f"replay_{k}"] for k in KEYS}
+        )
     run = run_ars(env, seed, budget, verbose=verbose, pool=pool)
     snaps = run["snapshots"]
     best = max(range(len(snaps)), key=lambda i: snaps[i]["eval_return"])
@@ -229,20 +288,34 @@ def _ars_policies(env: str, seed: int, budget: int | None, pool: _Pool, verbose:
     candidates = [s for s in snaps[: best + 1] if s["history_len"] > 0] or [snaps[-1]]
     medium = min(candidates, key=lambda s: abs(s["eval_return"] - expert["eval_return"] / 3.0))
     if verbose:
-        print(f"[seqrl] ARS: {run['steps']} steps; expert snapshot return {expert['eval_return']:.0f} "
-              f"(iteration {expert['iteration']}), medium snapshot {medium['eval_return']:.0f} "
-              f"(iteration {medium['iteration']})", flush=True)
+        print(
+            f"[seqrl] ARS: {run['steps']} steps; expert snapshot return "
+            f"{expert['eval_return']:.0f} "
+            f"(iteration {expert['iteration']}), medium snapshot {medium['eval_return']:.0f} "
+            f"(iteration {medium['iteration']})",
+            flush=True,
+        )
     replay = _concat(run["history"][: medium["history_len"] or len(run["history"])])
-    z = {f"{p}_{k}": np.asarray(s[k]) for p, s in (("medium", medium), ("expert", expert))
-         for k in ("M", "mean", "std", "eval_return")}
+    z = {
+        f"{p}_{k}": np.asarray(s[k])
+        for p, s in (("medium", medium), ("expert", expert))
+        for k in ("M", "mean", "std", "eval_return")
+    }
     z.update({f"replay_{k}": v for k, v in replay.items()})
     save_npz(file, z)
     return dict(medium=medium, expert=expert, replay=replay)
 
 
-def generate_dataset(env: str, dataset: str, size: int | None = None, seed: int = 0,
-                     budget: int | None = None, workers: int | None = None, verbose: bool = True) -> dict:
-    """Generate one D4RL-style dataset offline (see the module docstring). Deterministic per seed."""
+def generate_dataset(
+    env: str,
+    dataset: str,
+    size: int | None = None,
+    seed: int = 0,
+    budget: int | None = None,
+    workers: int | None = None,
+    verbose: bool = True,
+) -> dict:
+    """One D4RL-style dataset, generated offline (the module docstring). Deterministic per seed."""
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}: use one of {', '.join(DATASETS)}")
     size = size or 1_000_000
@@ -253,25 +326,31 @@ def generate_dataset(env: str, dataset: str, size: int | None = None, seed: int 
         ars = _ars_policies(env, seed, budget, pool, verbose)
         if dataset == "medium-replay":
             data = ars["replay"]
-            if len(data["rewards"]) > size:  # keep the earliest `size` transitions; the cut ends an episode
+            if (
+                len(data["rewards"]) > size
+            ):  # keep the earliest `size` transitions; the cut ends an episode
                 data = {k: v[:size].copy() for k, v in data.items()}
                 data["timeouts"][-1] |= ~data["terminals"][-1]
             return data
         parts = []
         if dataset in ("medium", "medium-expert"):
-            parts.append(_roll_policy(env, ars["medium"], MEDIUM_NOISE, size, seed + 1, pool,
-                                       verbose=verbose))
+            parts.append(
+                _roll_policy(
+                    env, ars["medium"], MEDIUM_NOISE, size, seed + 1, pool, verbose=verbose
+                )
+            )
         if dataset in ("expert", "medium-expert"):
-            parts.append(_roll_policy(env, ars["expert"], EXPERT_NOISE, size, seed + 2, pool,
-                                       verbose=verbose))
+            parts.append(
+                _roll_policy(
+                    env, ars["expert"], EXPERT_NOISE, size, seed + 2, pool, verbose=verbose
+                )
+            )
         return _concat(parts)
     finally:
         pool.close()
 
 
-
-
-# ---------------------------------------------------------------------------------- import and validate
+# ----------------------------------------------------------------------- import and validate
 def validate_dataset(data: dict, env: str, source: str = "dataset") -> dict:
     """Keys, shapes, finite values, 0 / 1 flags and the env's sizes, checked; float32 arrays and
     bool flags out; `next_observations` made from the next row when absent."""
@@ -282,10 +361,14 @@ def validate_dataset(data: dict, env: str, source: str = "dataset") -> dict:
         try:
             v = np.asarray(data[k], dtype=np.float32)
         except (TypeError, ValueError) as e:
-            raise DatasetError(f"{source}: {k!r} is not numeric ({np.asarray(data[k]).dtype})") from e
+            raise DatasetError(
+                f"{source}: {k!r} is not numeric ({np.asarray(data[k]).dtype})"
+            ) from e
         if n == 0 or len(v) != n or v.ndim != (1 if k in flat else 2):
-            raise DatasetError(f"{source}: {k!r} has shape {v.shape}, not ({n},"
-                               f"{'' if k in flat else ' dim'}) with {n} > 0 rows")
+            raise DatasetError(
+                f"{source}: {k!r} has shape {v.shape}, not ({n},"
+                f"{'' if k in flat else ' dim'}) with {n} > 0 rows"
+            )
         if not np.isfinite(v).all():
             row = int((~np.isfinite(v)).reshape(n, -1).any(1).argmax())
             raise DatasetError(f"{source}: {k!r} is NaN or inf at row {row}; clean the data")
@@ -297,13 +380,16 @@ def validate_dataset(data: dict, env: str, source: str = "dataset") -> dict:
         out["timeouts"][-1] = True
     if "next_observations" not in out:  # the next row; an episode's last row repeats itself
         end = (out["terminals"] | out["timeouts"])[:, None]
-        out["next_observations"] = np.where(end, out["observations"],
-                                            np.roll(out["observations"], -1, axis=0))
+        out["next_observations"] = np.where(
+            end, out["observations"], np.roll(out["observations"], -1, axis=0)
+        )
     obs_dim, act_dim = env_dims(env)
     for k, dim in (("observations", obs_dim), ("actions", act_dim), ("next_observations", obs_dim)):
         if out[k].shape[1] != dim:
-            raise DatasetError(f"{source}: {k} have {out[k].shape[1]} dims but {env_id(env)} has "
-                               f"{dim}; is it a dataset of another env? (set --env)")
+            raise DatasetError(
+                f"{source}: {k} have {out[k].shape[1]} dims but {env_id(env)} has "
+                f"{dim}; is it a dataset of another env? (set --env)"
+            )
     return out
 
 
@@ -329,8 +415,10 @@ def read_hdf5(path, env: str) -> dict:
         raise DatasetError(f"{path}: not a readable HDF5 file ({e}); pass a D4RL .hdf5") from e
     if "timeouts" not in data and "terminals" in data:
         limit = make_env(env).spec.max_episode_steps
-        print(f"[seqrl] {path}: no 'timeouts' (D4RL v0 layout); an episode that reaches the "
-              f"{limit}-step limit of {env} without a terminal ends with a timeout")
+        print(
+            f"[seqrl] {path}: no 'timeouts' (D4RL v0 layout); an episode that reaches the "
+            f"{limit}-step limit of {env} without a terminal ends with a timeout"
+        )
         timeouts, t = np.zeros(len(data["terminals"]), dtype=bool), 0
         for i, term in enumerate(np.asarray(data["terminals"]).reshape(-1)):
             t += 1
@@ -346,12 +434,16 @@ def read_minari(dataset_id: str) -> tuple[dict, str]:
     try:
         import minari
     except ImportError as e:
-        raise ImportError(f"{dataset_id!r} is a Minari id; reading it needs: pip install minari") from e
+        raise ImportError(
+            f"{dataset_id!r} is a Minari id; reading it needs: pip install minari"
+        ) from e
     local = sorted(minari.list_local_datasets(), key=lambda d: int(d.rsplit("-v", 1)[-1]))
     found = [d for d in local if d == dataset_id or d.rsplit("-v", 1)[0] == dataset_id]
     if not found:
-        raise DatasetError(f"Minari dataset {dataset_id!r} is not on disk: run `minari download "
-                           f"{dataset_id}` first (nothing downloads at run time)")
+        raise DatasetError(
+            f"Minari dataset {dataset_id!r} is not on disk: run `minari download "
+            f"{dataset_id}` first (nothing downloads at run time)"
+        )
     ds = minari.load_dataset(found[-1])
     meta = ds.storage.metadata
     if meta.get("ref_min_score") is not None and meta.get("ref_max_score") is not None:
@@ -359,28 +451,40 @@ def read_minari(dataset_id: str) -> tuple[dict, str]:
     eps = list(ds.iterate_episodes())
     parts = {k: [] for k in KEYS}
     for e in eps:
-        for k, v in zip(KEYS, (e.observations[:-1], e.actions, e.rewards, e.terminations,
-                               e.truncations, e.observations[1:])):
+        for k, v in zip(
+            KEYS,
+            (
+                e.observations[:-1],
+                e.actions,
+                e.rewards,
+                e.terminations,
+                e.truncations,
+                e.observations[1:],
+            ),
+        ):
             parts[k].append(np.asarray(v))
     gid = ds.spec.env_spec.id
     return {k: np.concatenate(v) for k, v in parts.items()}, next(
-        (k for k, v in ENVS.items() if v == gid), gid)
+        (k for k, v in ENVS.items() if v == gid), gid
+    )
 
 
 def prepare(env, dataset, path=None, size=None, seed=0, budget=None, verbose=True):
-    """What common.load_dataset asks for when the cache misses: (validated arrays, env, name)."""
+    """What common.load_dataset asks for when the cache misses: (validated arrays, env)."""
     if path is not None:
         if not Path(path).is_file():
             raise DatasetError(f"dataset file {path} does not exist")
         hdf5 = Path(path).suffix in (".hdf5", ".h5")
         raw = read_hdf5(path, env) if hdf5 else read_npz(path)
-        return validate_dataset(raw, env, str(path)), env, Path(path).stem
+        return validate_dataset(raw, env, str(path)), env
     if "/" in dataset:
         raw, env = read_minari(dataset)
-        return validate_dataset(raw, env, dataset), env, dataset.replace("/", "-")
+        return validate_dataset(raw, env, dataset), env
     if dataset not in DATASETS:
-        raise DatasetError(f"unknown dataset {dataset!r}: use one of {', '.join(DATASETS)}, a "
-                           f"Minari id (mujoco/hopper/medium-v0) or a file (--dataset-path)")
+        raise DatasetError(
+            f"unknown dataset {dataset!r}: use one of {', '.join(DATASETS)}, a "
+            f"Minari id (mujoco/hopper/medium-v0) or a file (--dataset-path)"
+        )
     if env not in ENVS:
         raise DatasetError(f"generation supports {', '.join(ENVS)}; for {env} pass --dataset-path")
     if verbose:
@@ -390,20 +494,23 @@ def prepare(env, dataset, path=None, size=None, seed=0, budget=None, verbose=Tru
     save_npz(dataset_path(env, dataset, size, seed, budget), data)
     if verbose:
         print(dataset_summary(env, dataset, data))
-    return data, env, dataset
+    return data, env
 
 
 def dataset_summary(env: str, name: str, data: dict) -> str:
     rets = np.array([ep["rewards"].sum() for ep in split_episodes(data)])
     norm = normalized_score(env, rets.mean())
-    return (f"[seqrl] {env}/{name}: {len(rets)} episodes, {len(data['rewards'])} transitions, "
-            f"return mean {rets.mean():.1f} min {rets.min():.1f} max {rets.max():.1f}, "
-            f"D4RL-normalized mean {float(norm):.1f}")
+    return (
+        f"[seqrl] {env}/{name}: {len(rets)} episodes, {len(data['rewards'])} transitions, "
+        f"return mean {rets.mean():.1f} min {rets.min():.1f} max {rets.max():.1f}, "
+        f"D4RL-normalized mean {float(norm):.1f}"
+    )
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--env", default="hopper", help=f"one of {', '.join(ENVS)}")
     parser.add_argument("--dataset", default="medium", help=f"one of {', '.join(DATASETS)}")
     parser.add_argument("--size", type=int, default=None, help="transitions (default 1M, as D4RL)")
