@@ -35,7 +35,8 @@ def tiny_dataset(data_dir):
     def make(env="hopper", dataset="medium", size=3000):
         key = (env, dataset, size)
         if key not in made:
-            data = common.load_dataset(env, dataset, size=size, seed=0, budget=TINY_BUDGET, verbose=False)
+            data = common.load_dataset(env, dataset, size=size, seed=0, budget=TINY_BUDGET,
+                                       verbose=False)
             path = Path(data_dir) / f"tiny-{env}-{dataset}-{size}.npz"
             common.save_npz(path, data)
             made[key] = path

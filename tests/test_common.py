@@ -117,7 +117,7 @@ def test_bad_files(tmp_path):
     (tmp_path / "garbage.npz").write_bytes(b"not a zip file at all")
     (tmp_path / "garbage.hdf5").write_bytes(b"not hdf5")
     for name, message in [("empty.npz", "not a readable .npz"), ("garbage.npz", "not a readable"),
-                          ("garbage.hdf5", "not a readable HDF5"), ("missing.npz", "does not exist")]:
+                          ("garbage.hdf5", "not a readable HDF5"), ("none.npz", "does not exist")]:
         with pytest.raises(common.DatasetError, match=message):
             common.load_dataset("hopper", path=tmp_path / name)
     with pytest.raises(common.DatasetError, match="unknown dataset 'meduim'"):
