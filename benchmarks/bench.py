@@ -39,7 +39,9 @@ def median_time(fn, repeats: int = 5, warmup: int = 1) -> float:
 
 def machine() -> str:
     import torch
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+    cpu = platform.processor() or platform.machine()
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads)")
 
 
 def all_rows() -> dict:
@@ -64,8 +66,10 @@ def table(results: list) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--only", nargs="+", default=None, help="run only these rows (names or substrings)")
-    p.add_argument("--quick", action="store_true", help="small sizes (a smoke check of the harness)")
+    p.add_argument("--only", nargs="+", default=None,
+                   help="run only these rows (names or substrings)")
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes (a smoke check of the harness)")
     p.add_argument("--table", action="store_true", help="print every saved result and exit")
     p.add_argument("--list", action="store_true", help="list the rows and exit")
     a = p.parse_args(argv)
@@ -89,7 +93,8 @@ def main(argv=None):
         res = fn(a.quick)
         out += res
         if not a.quick:  # quick runs are smoke checks: never overwrite real measurements
-            payload = dict(row=name, machine=machine(), date=time.strftime("%Y-%m-%d %H:%M"), results=res)
+            payload = dict(row=name, machine=machine(), date=time.strftime("%Y-%m-%d %H:%M"),
+                           results=res)
             tmp = RESULTS / f"{name}.json.tmp"
             tmp.write_text(json.dumps(payload, indent=2))
             os.replace(tmp, RESULTS / f"{name}.json")
