@@ -213,7 +213,7 @@ def test_prompt_rate_placement_and_end_sampling():
     args = g.Args(filter_frac=0.5, seq_len=48, batch_size=16)   # 6 tokens / step: 8 steps, p = 4
     task = g.Task("fake", data, args)                            # keeps episodes 4..7
     gen = torch.Generator().manual_seed(0)
-    split, end_first, end_second = 0, 0, 0
+    split, end_first, end_second, episodes = 0, 0, 0, set()
     for _ in range(40):
         tok, pos, _ = g.sample_batch([task], args, gen)
         np.testing.assert_array_equal(pos, np.tile(task.local_pos, (16, 8)))
@@ -226,11 +226,13 @@ def test_prompt_rate_placement_and_end_sampling():
                 continue
             assert all(contiguous[:3]) and all(contiguous[4:])   # [prompt 4 | window 4]
             split += not contiguous[3]
+            episodes |= {steps[0][0]}
             end_first += steps[3][1] == 15
             end_second += steps[7][1] == 15
     assert split >= 150                                          # of 160 prompted rows
     assert 0.4 < end_first / 160 < 0.7                           # half the prompts end episodes
     assert end_second / 160 < 0.2                                # windows seldom do
+    assert episodes == {4, 5, 6, 7}                              # prompts from any kept one
 
 
 def test_loss_mask_only_actions_shifted_by_one():
@@ -261,6 +263,18 @@ def test_shared_embedding_and_parameter_count():
     assert model.tok_emb.num_embeddings == 1026
     h = torch.randn(3, 16)
     torch.testing.assert_close(model.logits(h), h @ model.tok_emb.weight[:1024].T)
+
+
+def test_causal_attention():
+    torch.manual_seed(0)
+    model = g.GatoModel(g.Args(n_layer=2, n_embd=16, n_head=2, dropout=0.0, vocab="action"))
+    tok, pos = torch.randint(32000, 33024, (2, 9)), torch.arange(9).repeat(2, 1)
+    later = tok.clone()
+    later[:, 6:] = 32000 + (later[:, 6:] - 31999) % 1024          # change tokens 6.. only
+    with torch.no_grad():
+        a, b = model(tok, pos), model(later, pos)
+    torch.testing.assert_close(a[:, :6], b[:, :6])
+    assert not torch.allclose(a[:, 6:], b[:, 6:])
 
 
 def _meta(n_obs=3, n_act=2, steps=6):
