@@ -1,59 +1,24 @@
-"""Algorithm Distillation (AD): in-context reinforcement learning on Dark Room.
+"""Algorithm Distillation (AD): Laskin et al. 2022, arXiv 2210.14215, on Dark Room.
 
-Paper: Laskin et al. 2022, "In-context Reinforcement Learning with Algorithm Distillation",
-arXiv 2210.14215. A source RL algorithm learns each training task from scratch; its learning
-histories, ordered in time across episodes, are distilled into a causal transformer by
-predicting actions (Sec. 4, Algorithm 1). At test time the transformer faces a held-out task
-and keeps its context across episodes: it explores, finds the goal and exploits it without any
-weight update (Sec. 5). The baseline ED ("expert distillation") is the same model trained on
-the final, near-optimal episodes only; it does not improve in context.
-
-What this file reproduces (python ad.py runs all of it):
-  * Dark Room (9x9, 20 steps, reward 1 on every step on the goal), Dark Room Hard (17x17,
-    reward once) and Dark Key-to-Door (50 steps, +1 key, +1 door), as Gymnasium envs and a
-    numpy batch version that steps hundreds of tasks in lockstep (Sec. 5, Appendix).
-  * learning histories of tabular Q-learning on 65 training goals (several seeds each),
-    optionally subsampled every k-th episode (Sec. 4: "subsampled"), cached to disk;
-  * AD and ED training (4 layers, 4 heads, d=64, dropout 0.1, attention dropout 0.5, batch
-    128, cosine lr peak 3e-4, clip 1.0; the hyper-parameter table of the paper's appendix);
-  * in-context evaluation on 16 held-out goals, vectorized over goals, with a key-value cache,
-    and a table / plot of the mean return per episode for AD, ED, the source algorithm,
-    a random policy and the optimal policy.
-
+A source RL algorithm learns each training task from scratch; its learning histories, one sequence
+across episodes each, are distilled into a causal transformer that predicts actions (Sec. 4,
+Algorithm 1). On held-out tasks it keeps its context across episodes and improves without weight
+updates (Sec. 5, Fig. 4); ED, the same model trained on the histories' last episodes, does not.
+Envs (Sec. 5): Dark Room (9x9, 5 actions, 20 steps from the centre, reward on every step at the
+goal), Dark Room Hard (17x17, reward once), Dark Key-to-Door (9x9, 50 steps, +1 key, +1 door).
+Defaults, the appendix table: 4 layers, 4 heads, d 64, FF 2048, post-norm, dropout 0.1, attention
+dropout 0.5, batch 128, Adam (no weight decay), lr 3e-4 warmed from 2e-6, cosine, clip 1.
 Deviations (named):
-  * Source algorithm: tabular Q-learning (vectorized over all histories) instead of A3C, with
-    each episode also replayed backwards at its end (episodic backward update) so a goal found
-    once is exploited soon after. It learns on the true state (position plus the number of
-    rewards collected, which the reward-once and key-to-door variants need to be Markov); the
-    transformer sees only (x, y).
-  * Tokens: one token per time step, the sum of embeddings of (s_t, a_{t-1}, r_{t-1}), instead
-    of separate s / a / r tokens: the same information, a 3x shorter sequence (CPU budget).
-  * Context: the window holds whole episodes (`context_episodes`, default 4 = 80 steps) and
-    positions count from the window start, so position = episode-in-window * T + t. When a new
-    episode starts on a full window, the oldest episode is dropped and the cache is rebuilt
-    with one prefill (exact: the cached and uncached policies see the same window). In
-    training, the first episode of a window is in the loss only at the start of a history
-    (elsewhere the learner acted on a past the window does not show).
-  * Source exploration schedule (ours; A3C has none): epsilon decays linearly from 1 to 0.05
-    over the first 20% of the episodes (`--q-eps-decay 0.2`, picked after runs at 0.1, 0.15,
-    0.2 and 0.25, all in README). AD imitates the schedule along with the learning, inferring
-    from its own context how far along it is, so a slower decay slows AD's in-context curve
-    (0.25: 11.7 at episode 40 after 6000 steps), while a faster one makes the source itself
-    learn faster (0.1: AD 13.1 at episode 40, but the source reaches 75% of optimal at episode
-    29, AD at 39).
-  * Training length: the paper trains far longer; the CPU run below uses 8000 steps of batch
-    64 at lr 1e-3 (flags), the defaults keep the paper's batch 128 and lr 3e-4.
-
-Smoke run (about 1 minute on 1 CPU thread; too small to learn in context):
-    python ad.py --total-steps 100 --source-episodes 60 --histories-per-task 2 --eval-episodes 10
-CPU run (40 minutes on 1 thread of a 2-core machine, histories -> AD -> ED -> evaluation):
-    python ad.py --total-steps 8000 --batch-size 64 --lr 1e-3 --ed-steps 300 --eval-every 0
-Measured (16 held-out goals x 4 runs, sampled actions, mean return; optimal 16.6, random 0.33):
-    episode           1      5     10     20     30     40     50
-    AD             0.55   2.12   7.16  10.45  12.34  12.86  13.34
-    ED             0.52   0.72   1.25   1.59   2.55   2.58   2.88
-    Q-learning     0.19   0.56   1.02   2.20   6.05  10.22  13.89
-AD reaches 50% of optimal (5-episode mean) at episode 15, the source at 38; 75% at 35 vs 48.
+- source: tabular Q-learning (all histories at once, backward episode replay, epsilon 1 -> 0.05
+  over the first 20% of episodes) instead of A3C, for a CPU budget; it also sees the stage.
+- one token (s_t, a_{t-1}, r_{t-1}) per step instead of three: the same history, 3x shorter.
+- the window holds whole episodes (4 = 80 steps); its first episode is in the loss only at the
+  start of a history (elsewhere the learner acted on a past the window does not show).
+- "sequence masking p 0.3" of the table is not implemented: the paper does not define it.
+- not in the table, ours: warm-up over 5% of the updates, 8000 updates, one AD and one ED update
+  per step (equal budgets); Key-to-Door episodes last 50 steps even after the door, key != door.
+CPU run (README: time and results):
+    python ad.py --ff-dim 256 --batch-size 64 --lr 1e-3 --eval-every 0
 """
 from __future__ import annotations
 
@@ -76,7 +41,7 @@ import common
 @dataclass
 class Args:
     exp_name: str = "ad"
-    """name of the experiment (used in the run directory name)"""
+    """name of the experiment (in the run folder's name)"""
     seed: int = 0
     """seed of the task split, the source histories, training and evaluation"""
     cuda: bool = True
@@ -86,158 +51,118 @@ class Args:
     tensorboard: bool = False
     """log to TensorBoard (needs tensorboard)"""
     env: str = "darkroom"
-    """darkroom (9x9, 20 steps), darkroom-hard (17x17, reward once) or key-to-door (9x9, 50 steps)"""
-    dataset: str = "q-learning"
-    """source algorithm of the learning histories (tabular Q-learning is the one implemented)"""
+    """darkroom (9x9, 20 steps), darkroom-hard (17x17, reward once), key-to-door (9x9, 50 steps)"""
     dataset_path: Optional[str] = None
-    """a histories .npz written by this script (default: generated and cached in the data folder)"""
-    n_train_tasks: int = 65
-    """number of training tasks (goals) whose learning histories are distilled"""
-    n_test_tasks: int = 16
-    """number of held-out tasks for in-context evaluation"""
+    """a histories .npz (keys observations, actions, rewards, tasks); default: Q-learning, cached"""
+    split: tuple[int, ...] = (65, 16)
+    """numbers of training and held-out tasks, drawn at random from all tasks (seeded)"""
     histories_per_task: int = 8
     """independent source learning runs (seeds) per training task"""
     source_episodes: int = 240
-    """episodes of each source learning run (before subsampling)"""
+    """episodes of each source learning run, before subsampling"""
     subsample: int = 4
     """keep every k-th episode of each learning history (Sec. 4)"""
-    q_lr: float = 0.5
-    """Q-learning step size"""
-    q_gamma: float = 0.9
-    """Q-learning discount"""
-    q_eps_end: float = 0.05
-    """final epsilon of the epsilon-greedy source learner (linear decay from 1)"""
     q_eps_decay: float = 0.2
-    """fraction of the source episodes over which epsilon decays (see the module docstring)"""
-    q_replay: bool = True
-    """replay each source episode backwards at its end (episodic backward update)"""
+    """fraction of the source episodes over which its epsilon decays from 1 to 0.05"""
     context_episodes: int = 4
-    """episodes in the transformer context (the paper: it must span several episodes)"""
+    """whole episodes in the transformer's window (Sec. 4: it must span several)"""
     n_layers: int = 4
     """transformer layers"""
     n_heads: int = 4
     """attention heads"""
     d_model: int = 64
     """embedding size"""
+    ff_dim: int = 2048
+    """feed-forward width (the table: 2048)"""
     dropout: float = 0.1
-    """residual / embedding dropout"""
+    """embedding and residual dropout"""
     attn_dropout: float = 0.5
-    """attention dropout"""
-    total_steps: int = 2000
-    """AD gradient steps"""
-    ed_steps: Optional[int] = None
-    """ED gradient steps (default: total_steps)"""
-    expert_episodes: int = 8
-    """ED trains on the last this-many (subsampled) episodes of every history"""
+    """attention dropout (0.5 sends SDPA to its slower path on a CPU: README)"""
+    total_steps: int = 8000
+    """training steps; each makes one AD update and one ED update"""
     batch_size: int = 128
-    """sequences per batch"""
+    """windows per batch"""
     lr: float = 3e-4
-    """peak learning rate (cosine schedule)"""
-    warmup_steps: int = 100
-    """linear warm-up steps before the cosine decay"""
-    weight_decay: float = 1e-4
-    """AdamW weight decay"""
-    grad_clip: float = 1.0
-    """gradient norm clip"""
-    save_every: int = 500
-    """write checkpoint.pt every N steps"""
-    eval_every: int = 500
-    """in-context evaluation of AD on the held-out tasks every N steps (0: only at the end)"""
+    """peak learning rate (warm-up from 2e-6, then cosine decay to 2e-6)"""
+    expert_episodes: int = 8
+    """ED trains on the last this-many kept episodes of every history"""
+    eval_every: int = 1000
+    """quick in-context evaluation of AD every N steps (0: only the final evaluation)"""
     eval_episodes: int = 50
-    """episodes rolled in context (without clearing it) per held-out task"""
-    eval_repeats: int = 4
-    """independent in-context runs per held-out task"""
-    argmax: bool = False
-    """greedy actions at evaluation (the paper samples; argmax plateaus lower)"""
+    """episodes rolled in context, without clearing it, per held-out task (Fig. 4)"""
     resume: Optional[str] = None
-    """checkpoint to continue from"""
+    """checkpoint.pt to continue from"""
     eval_only: bool = False
-    """only evaluate --checkpoint"""
+    """only evaluate --checkpoint (AD and ED)"""
     checkpoint: Optional[str] = None
     """checkpoint for --eval-only"""
-    bf16: bool = False
-    """bfloat16 autocast for training and evaluation"""
-    run_dir: Optional[str] = None
-    """run directory (default runs/{env}__{exp_name}__{seed}__{time})"""
 
 
-# ======================================================================================
-# Environments: Dark Room, Dark Room Hard, Dark Key-to-Door (Sec. 5 and Appendix)
-# ======================================================================================
-ENV_CONFIG = {"darkroom": dict(size=9, max_steps=20), "darkroom-hard": dict(size=17, max_steps=20),
-              "key-to-door": dict(size=9, max_steps=50)}
 N_ACTIONS = 5
 MOVES = np.array([[-1, 0], [1, 0], [0, 1], [0, -1], [0, 0]])  # left, right, up, down, no-op
+ENV_CONFIG = {"darkroom": dict(size=9, max_steps=20), "darkroom-hard": dict(size=17, max_steps=20),
+              "key-to-door": dict(size=9, max_steps=50)}
+Q_LR, Q_GAMMA, Q_EPS_END = 0.5, 0.9, 0.05   # the source's tabular Q-learning (ours)
+EVAL_REPEATS = 4                            # in-context runs per held-out task
+LR_MIN, WARMUP = 2e-6, 0.05                 # lr warmed from 2e-6 over the first 5% of updates
+GRAD_CLIP = 1.0
 
-
+# ===== Environments (Sec. 5): N tasks of one variant stepped in lockstep with numpy =====
 class BatchDarkRoom:
-    """N tasks of one variant stepped in lockstep with numpy. All episodes have the same
-    fixed length (no early termination), so every task resets at the same step.
-    tasks: (N, 2) goals, or (N, 4) key + door for key-to-door. obs: (N, 2) int (x, y)."""
-
-    def __init__(self, variant: str, tasks, size: int | None = None, max_steps: int | None = None):
+    """tasks (N, 2) goals, or (N, 4) key + door for key-to-door; obs (N, 2) int (x, y). Every
+    episode starts at the centre and lasts max_steps steps (no early end), so all reset together."""
+    def __init__(self, variant: str, tasks):
         if variant not in ENV_CONFIG:
             raise ValueError(f"unknown env {variant!r}: use one of {', '.join(ENV_CONFIG)}")
-        self.variant, self.tasks = variant, np.asarray(tasks, dtype=np.int64).reshape(len(tasks), -1)
-        self.size = size or ENV_CONFIG[variant]["size"]
-        self.max_steps = max_steps or ENV_CONFIG[variant]["max_steps"]
+        self.variant, self.tasks = variant, np.array(tasks, dtype=np.int64).reshape(len(tasks), -1)
+        self.size, self.max_steps = ENV_CONFIG[variant]["size"], ENV_CONFIG[variant]["max_steps"]
         need = 4 if variant == "key-to-door" else 2
         if self.tasks.shape[1] != need or self.tasks.min() < 0 or self.tasks.max() >= self.size:
-            raise ValueError(f"{variant}: tasks must be (N, {need}) cells inside the {self.size}x{self.size} grid")
-        self.n = len(self.tasks)
-        self.n_stages = {"darkroom": 1, "darkroom-hard": 2, "key-to-door": 3}[variant]
+            raise ValueError(f"{variant}: tasks must be (N, {need}) cells of a {self.size}x"
+                             f"{self.size} grid, got shape {self.tasks.shape}")
+        self.n, self.n_stages = len(self.tasks), {"darkroom": 1, "darkroom-hard": 2}.get(variant, 3)
         self.reset()
 
     def reset(self) -> np.ndarray:
-        self.pos = np.full((self.n, 2), self.size // 2)  # reset to the centre
-        self.stage = np.zeros(self.n, dtype=np.int64)     # rewards collected (hard / key-to-door)
+        self.pos = np.full((self.n, 2), self.size // 2)  # start at the centre
+        self.stage = np.zeros(self.n, dtype=np.int64)     # rewards collected (hard, key-to-door)
         self.t = 0
         return self.pos.copy()
 
     def step(self, actions) -> tuple[np.ndarray, np.ndarray, bool]:
         self.pos = np.clip(self.pos + MOVES[np.asarray(actions)], 0, self.size - 1)
-        on = lambda cells: (self.pos == cells).all(1)
-        if self.variant == "darkroom":          # reward 1 on every step spent on the goal
-            rew = on(self.tasks).astype(np.float32)
-        elif self.variant == "darkroom-hard":   # reward 1 the first time only
-            rew = (on(self.tasks) & (self.stage == 0)).astype(np.float32)
-        else:                                   # +1 picking up the key, then +1 opening the door
-            rew = ((on(self.tasks[:, :2]) & (self.stage == 0)) |
-                   (on(self.tasks[:, 2:]) & (self.stage == 1))).astype(np.float32)
-        if self.n_stages > 1:
-            self.stage += rew.astype(np.int64)
+        at_goal = (self.pos == self.tasks[:, :2]).all(1)
+        if self.variant == "darkroom":         # reward 1 on every step spent on the goal
+            rew = at_goal
+        elif self.variant == "darkroom-hard":  # reward 1 the first time only
+            rew = at_goal & (self.stage == 0)
+        else:                                  # +1 at the key, then +1 at the door, once each
+            rew = (at_goal & (self.stage == 0)) | ((self.pos == self.tasks[:, 2:]).all(1)
+                                                   & (self.stage == 1))
+        self.stage += rew if self.n_stages > 1 else 0
         self.t += 1
-        return self.pos.copy(), rew, self.t >= self.max_steps
+        return self.pos.copy(), rew.astype(np.float32), self.t >= self.max_steps
 
     def state_index(self) -> np.ndarray:
-        """Tabular state (stage, x, y) of the source learner (privileged: includes the stage)."""
+        """The source learner's tabular state (stage, x, y): privileged, it includes the stage."""
         return (self.stage * self.size + self.pos[:, 0]) * self.size + self.pos[:, 1]
 
     def optimal_returns(self) -> np.ndarray:
-        c = self.size // 2
-        dist = lambda a, b: np.abs(a - b).sum(1)
-        if self.variant == "darkroom":  # on the goal after d moves, then stay: T - d + 1 (d=0: T)
-            d = dist(self.tasks, np.array([c, c]))
-            return np.where(d == 0, self.max_steps, np.maximum(self.max_steps - d + 1, 0)).astype(float)
+        """On the goal after d moves, then stay (d = 0: the no-op); key, then door."""
+        T, dist = self.max_steps, lambda a, b: np.abs(a - b).sum(-1)
+        d = np.maximum(dist(self.tasks[:, :2], self.size // 2), 1)
+        if self.variant == "darkroom":
+            return np.maximum(T - d + 1, 0).astype(float)
         if self.variant == "darkroom-hard":
-            return (dist(self.tasks, np.array([c, c])) <= self.max_steps).astype(float)
-        d = dist(self.tasks[:, :2], np.array([c, c]))
-        d = np.maximum(d, 1) + dist(self.tasks[:, :2], self.tasks[:, 2:])
-        return 1.0 * (np.maximum(dist(self.tasks[:, :2], np.array([c, c])), 1) <= self.max_steps) + (d <= self.max_steps)
-
+            return (d <= T).astype(float)
+        return (d <= T) + (d + dist(self.tasks[:, :2], self.tasks[:, 2:]) <= T).astype(float)
 
 class DarkRoom(gym.Env):
-    """Dark Room: the agent sees only its (x, y); 5 actions (left, right, up, down, no-op);
-    reset to the centre; reward 1 on every step on the goal; `max_steps` steps per episode."""
-    metadata = {"render_modes": []}
-    variant = "darkroom"
-
-    def __init__(self, goal=(0, 0), size: int = 9, max_steps: int = 20):
-        self.task = np.asarray(goal).reshape(1, -1)
-        self.size, self.max_steps = size, max_steps
-        self.observation_space = gym.spaces.Box(0, size - 1, (2,), dtype=np.int64)
+    """One task as a Gymnasium env: obs (x, y) int64, 5 actions, truncated after max_steps."""
+    def __init__(self, task=(0, 0), variant: str = "darkroom"):
+        self._env = BatchDarkRoom(variant, np.asarray(task)[None])
+        self.observation_space = gym.spaces.Box(0, self._env.size - 1, (2,), dtype=np.int64)
         self.action_space = gym.spaces.Discrete(N_ACTIONS)
-        self._env = BatchDarkRoom(self.variant, self.task, size, max_steps)
 
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
@@ -247,517 +172,427 @@ class DarkRoom(gym.Env):
         obs, rew, done = self._env.step(np.array([int(action)]))
         return obs[0], float(rew[0]), False, bool(done), {}
 
-
-class DarkRoomHard(DarkRoom):
-    """Dark Room Hard: 17x17, the goal rewards only the first time it is reached."""
-    variant = "darkroom-hard"
-
-    def __init__(self, goal=(0, 0), size: int = 17, max_steps: int = 20):
-        super().__init__(goal, size, max_steps)
-
-
-class DarkKeyToDoor(DarkRoom):
-    """Dark Key-to-Door: +1 for reaching the key, then +1 for reaching the door; 50 steps."""
-    variant = "key-to-door"
-
-    def __init__(self, key=(0, 0), door=(1, 1), size: int = 9, max_steps: int = 50):
-        super().__init__(tuple(key) + tuple(door), size, max_steps)
-
-
-def all_tasks(variant: str, size: int) -> np.ndarray:
-    cells = np.array([(x, y) for x in range(size) for y in range(size)])
-    if variant != "key-to-door":
-        return cells
-    return np.array([(*k, *d) for k in cells for d in cells if tuple(k) != tuple(d)])
-
+def all_tasks(variant: str) -> np.ndarray:
+    """Every goal cell; key-to-door: every (key, door) pair with key != door."""
+    size = ENV_CONFIG[variant]["size"]
+    cells = [(x, y) for x in range(size) for y in range(size)]
+    return np.array([(*k, *d) for k in cells for d in cells if k != d]
+                    if variant == "key-to-door" else cells)
 
 def task_split(args: Args) -> tuple[np.ndarray, np.ndarray]:
-    """Random train / held-out split of all tasks (seeded)."""
-    tasks = all_tasks(args.env, ENV_CONFIG[args.env]["size"])
-    if args.n_train_tasks + args.n_test_tasks > len(tasks):
-        raise ValueError(f"{args.env} has {len(tasks)} tasks: --n-train-tasks + --n-test-tasks "
-                         f"({args.n_train_tasks} + {args.n_test_tasks}) must not exceed it")
+    """Seeded random split of all tasks into disjoint training and held-out sets."""
+    tasks, (n_train, n_test) = all_tasks(args.env), args.split
+    if n_train + n_test > len(tasks):
+        raise ValueError(f"{args.env} has {len(tasks)} tasks: --split {n_train} {n_test} asks "
+                         f"for more")
     perm = np.random.default_rng(args.seed).permutation(len(tasks))
-    return tasks[perm[:args.n_train_tasks]], tasks[perm[args.n_train_tasks:args.n_train_tasks + args.n_test_tasks]]
+    return tasks[perm[:n_train]], tasks[perm[n_train:n_train + n_test]]
 
+# ===== Source algorithm (Sec. 4, step 1): tabular Q-learning, vectorized over every run =====
+def epsilon(episode: int, n_episodes: int, decay: float) -> float:
+    """Linear from 1 to Q_EPS_END over the first `decay` fraction of the episodes (ours)."""
+    return max(Q_EPS_END, 1.0 - (1.0 - Q_EPS_END) * episode / max(1.0, decay * n_episodes))
 
-# ======================================================================================
-# Source algorithm: tabular Q-learning, vectorized over every learning run
-# ======================================================================================
-def q_learning(env: BatchDarkRoom, n_episodes: int, rng: np.random.Generator, lr: float = 0.5,
-               gamma: float = 0.9, eps_end: float = 0.05, eps_decay: float = 0.5, replay: bool = True,
+def q_learning(env: BatchDarkRoom, n_episodes: int, rng: np.random.Generator, decay: float = 0.2,
                progress: bool = False) -> dict:
-    """One independent epsilon-greedy Q-learner per task of `env`, each from scratch (Q = 0).
-    With `replay`, each episode is also replayed backwards at its end (episodic backward update,
-    Lee et al. 2019), so a reward found once propagates along the whole path.
-    Returns the learning histories: observations (N, E, T, 2), actions (N, E, T), rewards (N, E, T)."""
-    N, T = env.n, env.max_steps
+    """One epsilon-greedy Q-learner per task of `env`, from scratch (Q = 0). Each episode is also
+    replayed backwards at its end (episodic backward update, Lee et al. 2019). Returns learning
+    histories: observations (N, E, T, 2), actions (N, E, T), rewards (N, E, T)."""
+    N, T, idx = env.n, env.max_steps, np.arange(env.n)
     Q = np.zeros((N, env.n_stages * env.size ** 2, N_ACTIONS))
-    obs_h = np.zeros((N, n_episodes, T, 2), np.int8)
-    act_h = np.zeros((N, n_episodes, T), np.int8)
-    rew_h = np.zeros((N, n_episodes, T), np.float32)
-    idx = np.arange(N)
-    for e in tqdm(range(n_episodes), desc="Q-learning histories", disable=not progress, leave=False):
-        eps = max(eps_end, 1.0 - (1.0 - eps_end) * e / max(1.0, eps_decay * n_episodes))
-        obs, s = env.reset(), env.state_index()
-        S = np.zeros((N, T + 1), np.int64)  # tabular states of this episode, for the backward replay
-        S[:, 0] = s
+    h = dict(observations=np.zeros((N, n_episodes, T, 2), np.int8),
+             actions=np.zeros((N, n_episodes, T), np.int8),
+             rewards=np.zeros((N, n_episodes, T), np.float32))
+    for e in tqdm(range(n_episodes), desc="Q-learning", disable=not progress, leave=False):
+        eps, obs = epsilon(e, n_episodes, decay), env.reset()
+        S = np.zeros((N, T + 1), np.int64)  # tabular states of the episode, for the replay
+        S[:, 0] = env.state_index()
         for t in range(T):
-            q = Q[idx, s]                                                     # (N, A)
-            greedy = ((q == q.max(1, keepdims=True)) * rng.random(q.shape)).argmax(1)  # random tie-break
+            q = Q[idx, S[:, t]]                                              # (N, A)
+            greedy = ((q == q.max(1, keepdims=True)) * rng.random(q.shape)).argmax(1)  # tie-break
             a = np.where(rng.random(N) < eps, rng.integers(0, N_ACTIONS, N), greedy)
-            obs_h[:, e, t], act_h[:, e, t] = obs, a
-            obs, r, _ = env.step(a)
-            s2 = env.state_index()
-            # time-limit truncation is not termination: always bootstrap (Pardo et al. 2018)
-            Q[idx, s, a] += lr * (r + gamma * Q[idx, s2].max(1) - Q[idx, s, a])
-            rew_h[:, e, t], s = r, s2
-            S[:, t + 1] = s2
-        for t in range(T - 1, -1, -1) if replay else ():
-            a, r = act_h[:, e, t].astype(np.int64), rew_h[:, e, t]
-            Q[idx, S[:, t], a] += lr * (r + gamma * Q[idx, S[:, t + 1]].max(1) - Q[idx, S[:, t], a])
-    return dict(observations=obs_h, actions=act_h, rewards=rew_h)
-
-
-# ======================================================================================
-# Data: learning histories (cached) and windows of whole episodes across them
-# ======================================================================================
-HISTORY_KEYS = ("observations", "actions", "rewards", "tasks")
-
-
-def histories_file(args: Args) -> Path:
-    return common.data_dir() / (
-        f"ad-{args.env}-{args.dataset}-seed{args.seed}-tasks{args.n_train_tasks}-runs{args.histories_per_task}"
-        f"-ep{args.source_episodes}-k{args.subsample}-lr{args.q_lr}-g{args.q_gamma}-eps{args.q_eps_end}-{args.q_eps_decay}{'-replay' * args.q_replay}.npz")
-
-
-def validate_histories(h: dict, args: Args, source: str) -> dict:
-    missing = [k for k in HISTORY_KEYS if k not in h]
-    if missing:
-        raise ValueError(f"{source}: missing {missing}; a histories file needs {list(HISTORY_KEYS)} "
-                         f"(write one with `python ad.py`, it caches them in {common.data_dir()})")
-    size, T = ENV_CONFIG[args.env]["size"], ENV_CONFIG[args.env]["max_steps"]
-    obs, act, rew = h["observations"], h["actions"], h["rewards"]
-    if obs.ndim != 4 or obs.shape[-1] != 2 or act.shape != obs.shape[:3] or rew.shape != obs.shape[:3]:
-        raise ValueError(f"{source}: expected observations (H, E, T, 2), actions and rewards (H, E, T); "
-                         f"got {obs.shape}, {act.shape}, {rew.shape}")
-    if obs.shape[2] != T or obs.min() < 0 or obs.max() >= size:
-        raise ValueError(f"{source}: episodes of {obs.shape[2]} steps in a grid up to {obs.max() + 1}, but "
-                         f"--env {args.env} has {T} steps on a {size}x{size} grid; pass the matching --env")
-    if obs.shape[1] < args.context_episodes:
-        raise ValueError(f"{source}: {obs.shape[1]} episodes per history < --context-episodes {args.context_episodes}")
-    if act.min() < 0 or act.max() >= N_ACTIONS:
-        raise ValueError(f"{source}: actions must lie in [0, {N_ACTIONS})")
+            h["observations"][:, e, t], h["actions"][:, e, t] = obs, a
+            obs, h["rewards"][:, e, t], _ = env.step(a)
+            S[:, t + 1] = env.state_index()
+            q_update(Q, S[:, t], a, h["rewards"][:, e, t], S[:, t + 1])
+        for t in range(T - 1, -1, -1):  # the backward replay of the whole episode
+            q_update(Q, S[:, t], h["actions"][:, e, t], h["rewards"][:, e, t], S[:, t + 1])
     return h
 
+def q_update(Q, s, a, r, s2) -> None:
+    """Q(s, a) += lr (r + gamma max Q(s') - Q(s, a)), in place for every learner. A time limit is
+    not a termination: always bootstrap (Pardo et al. 2018)."""
+    i = np.arange(len(Q))
+    Q[i, s, a] += Q_LR * (r + Q_GAMMA * Q[i, s2].max(1) - Q[i, s, a])
 
-def load_histories(args: Args, train_tasks: np.ndarray) -> dict:
-    """Learning histories of the source algorithm on every training task (Sec. 4, step 1):
-    (H, E, T, ...) arrays, H = tasks x runs, E episodes after keeping every k-th one."""
-    if args.dataset_path:
-        with np.load(args.dataset_path) as f:
-            return validate_histories({k: f[k] for k in f.files}, args, args.dataset_path)
-    if args.dataset != "q-learning":
-        raise ValueError(f"--dataset {args.dataset!r}: only 'q-learning' histories can be generated; "
-                         f"pass other histories with --dataset-path")
-    file = histories_file(args)
-    if file.exists():
-        with np.load(file) as f:
-            return validate_histories({k: f[k] for k in f.files}, args, str(file))
-    t0 = time.time()
-    tasks = np.repeat(train_tasks, args.histories_per_task, 0)  # (H, 2|4)
-    h = q_learning(BatchDarkRoom(args.env, tasks), args.source_episodes, np.random.default_rng(args.seed + 1),
-                   args.q_lr, args.q_gamma, args.q_eps_end, args.q_eps_decay, args.q_replay, progress=True)
+# ===== Data: learning histories (cached, validated) and windows of whole episodes =====
+class HistoryError(ValueError):
+    """Learning histories that cannot be distilled as they are."""
+def histories_file(args: Args) -> Path:
+    return common.data_dir() / (f"ad-{args.env}-qlearning-seed{args.seed}-split{args.split[0]}_"
+                                f"{args.split[1]}-runs{args.histories_per_task}-ep"
+                                f"{args.source_episodes}-k{args.subsample}-decay{args.q_eps_decay}.npz")
+
+def validate_histories(h: dict, args: Args, test_tasks, source: str) -> dict:
+    """Named errors for histories that would distill something else; returns int/float arrays."""
+    keys = ("observations", "actions", "rewards", "tasks")
+    if missing := [k for k in keys if k not in h]:
+        raise HistoryError(f"{source}: missing {missing}; a histories file holds observations "
+                           "(H, E, T, 2), actions and rewards (H, E, T) and tasks (H, 2|4)")
+    obs, act, rew, tasks = (np.asarray(h[k]) for k in keys)
+    if obs.ndim != 4 or obs.shape[-1] != 2 or act.shape != obs.shape[:3] != rew.shape:
+        raise HistoryError(f"{source}: expected observations (H, E, T, 2), actions and rewards "
+                           f"(H, E, T); got {obs.shape}, {act.shape}, {rew.shape}")
+    if not np.isfinite(rew).all():
+        raise HistoryError(f"{source}: rewards hold NaN or inf; drop or repair those histories")
+    if not np.issubdtype(obs.dtype, np.integer) and not (np.isfinite(obs) & (obs % 1 == 0)).all():
+        raise HistoryError(f"{source}: {obs.dtype} observations with non-integer values would be "
+                           "truncated; Dark Room observations are integer cells (x, y)")
+    if act.min() < 0 or act.max() >= N_ACTIONS or len(tasks) != len(obs):
+        raise HistoryError(f"{source}: actions must lie in 0..{N_ACTIONS - 1}; one task a history")
+    if obs.shape[1] < args.context_episodes:
+        raise HistoryError(f"{source}: {obs.shape[1]} episodes per history < "
+                           f"--context-episodes {args.context_episodes}")
+    held = {tuple(t) for t in np.asarray(test_tasks).tolist()} & {tuple(t) for t in tasks.tolist()}
+    if held:
+        raise HistoryError(f"{source}: histories on held-out tasks {sorted(held)[:4]}: the split "
+                           "leaks; use the same --seed and --split as the file, or drop them")
+    H, E, T = act.shape  # replay every episode in --env: histories of another env do not match
+    if T != ENV_CONFIG[args.env]["max_steps"] or tasks.shape[1] != (4 if "key" in args.env else 2):
+        raise HistoryError(f"{source}: episodes of {T} steps, tasks of {tasks.shape[1]} numbers: "
+                           f"not --env {args.env}; pass the env the histories come from")
+    env, flat = BatchDarkRoom(args.env, np.repeat(tasks, E, 0)), act.reshape(H * E, T)
+    seen = [env.reset()] + [env.step(flat[:, t].astype(np.int64))[:2] for t in range(T)]
+    if not ((np.stack([seen[0]] + [o for o, _ in seen[1:-1]], 1) == obs.reshape(H * E, T, 2)).all()
+            and (np.stack([r for _, r in seen[1:]], 1) == rew.reshape(H * E, T)).all()):
+        raise HistoryError(f"{source}: observations or rewards do not follow --env {args.env}'s "
+                           "dynamics and reward rule: histories of another env? pass its --env")
+    return dict(observations=obs.astype(np.int64), actions=act.astype(np.int64),
+                rewards=rew.astype(np.float32), tasks=tasks)
+
+def load_histories(args: Args, train_tasks, test_tasks) -> dict:
+    """The source's learning histories on every training task (Sec. 4): H = tasks x runs
+    histories of E kept episodes (every k-th), from --dataset-path or the cache, else made."""
+    path = Path(args.dataset_path or histories_file(args))
+    if args.dataset_path or path.exists():
+        with np.load(path) as f:
+            return validate_histories({k: f[k] for k in f.files}, args, test_tasks, str(path))
+    t0, tasks = time.time(), np.repeat(train_tasks, args.histories_per_task, 0)  # (H, 2|4)
+    h = q_learning(BatchDarkRoom(args.env, tasks), args.source_episodes,
+                   np.random.default_rng(args.seed + 1), args.q_eps_decay, progress=True)
     h = {k: v[:, ::args.subsample].copy() for k, v in h.items()}  # every k-th episode (Sec. 4)
     h["tasks"] = tasks
-    common.save_npz(file, h)
+    common.save_npz(path, h)
     ret = h["rewards"].sum(-1).mean(0)
-    print(f"[ad] {len(tasks)} Q-learning histories of {args.source_episodes} episodes in {time.time() - t0:.0f} s "
-          f"(kept {ret.size}); mean return first / last kept episode {ret[0]:.2f} / {ret[-1]:.2f} -> {file}")
-    return h
-
+    print(f"[ad] {len(tasks)} Q-learning histories in {time.time() - t0:.0f} s, return of the "
+          f"first / last kept episode {ret[0]:.2f} / {ret[-1]:.2f} -> {path}")
+    return validate_histories(h, args, test_tasks, str(path))
 
 class WindowSampler:
-    """Random windows of `ctx` whole consecutive episodes of one learning history. Each step is
-    one token (s_t, a_{t-1}, r_{t-1}); the previous action / reward cross episode boundaries
-    (a history's very first step gets the 'none' action N_ACTIONS and reward 0)."""
-
+    """Random windows of `ctx` whole consecutive episodes of one history, starting at episode
+    first_episode or later. Each history is one flat sequence (Sec. 4): token t is (s_t, a_{t-1},
+    r_{t-1}), so an episode's first token carries the last action and reward of the episode
+    before it; only a history's very first token gets the 'none' action N_ACTIONS and reward 0."""
     def __init__(self, h: dict, ctx: int, device, first_episode: int = 0):
-        obs = torch.as_tensor(h["observations"], dtype=torch.long)
-        H, E, T, _ = obs.shape
+        H, E, T = np.shape(h["actions"])
         self.T, self.ctx, self.device = T, ctx, device
-        self.lo, self.hi = max(0, min(first_episode, E - ctx)), E - ctx  # window start episodes lo..hi
-        act = torch.as_tensor(h["actions"], dtype=torch.long).reshape(H, E * T)
+        self.lo, self.hi = max(0, min(first_episode, E - ctx)), E - ctx  # window starts lo..hi
+        self.act = act = torch.as_tensor(h["actions"], dtype=torch.long).reshape(H, E * T)
         rew = torch.as_tensor(h["rewards"], dtype=torch.float32).reshape(H, E * T)
-        self.obs = obs.reshape(H, E * T, 2).to(device)                                         # (H, E*T, 2)
-        self.act = act.to(device)                                                             # (H, E*T)
-        self.prev_a = torch.cat([torch.full((H, 1), N_ACTIONS), act[:, :-1]], 1).to(device)  # (H, E*T)
-        self.prev_r = torch.cat([torch.zeros(H, 1), rew[:, :-1]], 1).to(device)               # (H, E*T)
+        self.obs = torch.as_tensor(h["observations"], dtype=torch.long).reshape(H, E * T, 2)
+        self.prev_a = torch.cat([torch.full((H, 1), N_ACTIONS), act[:, :-1]], 1)  # (H, E*T)
+        self.prev_r = torch.cat([torch.zeros(H, 1), rew[:, :-1]], 1)              # (H, E*T)
 
-    def sample(self, batch_size: int, rng: np.random.Generator):
-        h = rng.integers(0, len(self.obs), batch_size)
-        e0 = rng.integers(self.lo, self.hi + 1, batch_size)
-        idx = torch.as_tensor(e0[:, None] * self.T + np.arange(self.ctx * self.T), device=self.device)  # (B, L)
-        hh = torch.as_tensor(h, device=self.device)[:, None]                                           # (B, 1)
-        # loss mask: the first episode of a window has no context, so it is trained only where the
-        # learner had none either (the start of its history); elsewhere its actions depend on a past
-        # the model cannot see (e.g. a goal found in an episode before the window)
-        mask = torch.as_tensor((e0[:, None] == 0) | (np.arange(self.ctx * self.T) >= self.T), device=self.device)
-        return self.obs[hh, idx], self.prev_a[hh, idx], self.prev_r[hh, idx], self.act[hh, idx], mask
+    def sample(self, batch_size: int, gen: torch.Generator):
+        """-> obs (B, L, 2), prev_a (B, L), prev_r (B, L), actions (B, L), loss mask (B, L)."""
+        h = torch.randint(0, len(self.obs), (batch_size, 1), generator=gen)       # (B, 1)
+        e0 = torch.randint(self.lo, self.hi + 1, (batch_size, 1), generator=gen)  # (B, 1)
+        steps = torch.arange(self.ctx * self.T)                                   # (L,)
+        idx = e0 * self.T + steps                                                 # (B, L)
+        # the window's first episode is in the loss only at a history's start, where the learner
+        # had no past either; elsewhere it acted on episodes the window does not show
+        mask = (e0 == 0) | (steps >= self.T)                                      # (B, L)
+        out = (self.obs[h, idx], self.prev_a[h, idx], self.prev_r[h, idx], self.act[h, idx], mask)
+        return tuple(x.to(self.device) for x in out)
 
-
-# ======================================================================================
-# Model: causal transformer over the across-episode history (Sec. 4, Algorithm 1)
-# ======================================================================================
+# ===== Model: causal transformer over the across-episode history (Sec. 4, appendix table) =====
 class Block(nn.Module):
-    """Pre-LN transformer block; SDPA attention with an optional key-value cache."""
-
-    def __init__(self, d: int, n_heads: int, dropout: float, attn_dropout: float):
+    """Post-norm block (the table): x = LN(x + attn(x)); x = LN(x + FF(x)); SDPA attention with
+    an optional key-value cache."""
+    def __init__(self, d: int, n_heads: int, ff_dim: int, dropout: float, attn_dropout: float):
         super().__init__()
         self.n_heads, self.attn_dropout = n_heads, attn_dropout
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
-        self.drop = nn.Dropout(dropout)
+        self.ff = nn.Sequential(nn.Linear(d, ff_dim), nn.GELU(), nn.Linear(ff_dim, d))
+        self.ln1, self.ln2, self.drop = nn.LayerNorm(d), nn.LayerNorm(d), nn.Dropout(dropout)
 
     def forward(self, x, cache=None, start: int = 0):
         B, L, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(B, L, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)  # 3 x (B, h, L, dh)
-        if cache is not None:  # cache: (2, B, h, S, dh); write this chunk, attend to everything so far
-            if start > 0 and L > 1:
-                raise ValueError("the cache takes a prefill from position 0 or one token at a time")
+        qkv = self.qkv(x).view(B, L, 3, self.n_heads, d // self.n_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                              # 3 x (B, h, L, dh)
+        if cache is not None:  # (2, B, h, S, dh): a prefill at 0, or one token at a time
             cache[0, :, :, start:start + L], cache[1, :, :, start:start + L] = k, v
-            k, v = cache[0, :, :, :start + L], cache[1, :, :, :start + L]                   # (B, h, start+L, dh)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=L > 1,
-                                           dropout_p=self.attn_dropout if self.training else 0.0)  # (B, h, L, dh)
-        x = x + self.drop(self.proj(y.transpose(1, 2).reshape(B, L, d)))
-        return x + self.drop(self.mlp(self.ln2(x)))
-
+            k, v = cache[0, :, :, :start + L], cache[1, :, :, :start + L]  # (B, h, start+L, dh)
+        p = self.attn_dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=L > 1, dropout_p=p)  # (B, h, L, dh)
+        x = self.ln1(x + self.drop(self.proj(y.transpose(1, 2).reshape(B, L, d))))
+        return self.ln2(x + self.drop(self.ff(x)))
 
 class ADTransformer(nn.Module):
-    """pi(a_t | history up to s_t): token_t = E_x(x_t) + E_y(y_t) + E_a(a_{t-1}) + W_r r_{t-1} + P(pos)."""
-
+    """pi(a_t | history to s_t). token_t = E_x(x_t) + E_y(y_t) + E_a(a_{t-1}) + W_r r_{t-1} + P(t),
+    t counted from the window's start (always an episode start)."""
     def __init__(self, size: int, seq_len: int, d: int = 64, n_layers: int = 4, n_heads: int = 4,
-                 dropout: float = 0.1, attn_dropout: float = 0.5):
+                 ff_dim: int = 2048, dropout: float = 0.1, attn_dropout: float = 0.5):
         super().__init__()
         self.seq_len, self.n_layers, self.n_heads, self.d = seq_len, n_layers, n_heads, d
         self.x_emb, self.y_emb = nn.Embedding(size, d), nn.Embedding(size, d)
         self.a_emb = nn.Embedding(N_ACTIONS + 1, d)  # index N_ACTIONS: no previous action
-        self.r_emb = nn.Linear(1, d)
-        self.pos_emb = nn.Embedding(seq_len, d)
+        self.r_emb, self.pos_emb = nn.Linear(1, d), nn.Embedding(seq_len, d)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(d, n_heads, dropout, attn_dropout) for _ in range(n_layers))
-        self.ln_f, self.head = nn.LayerNorm(d), nn.Linear(d, N_ACTIONS)
-        self.apply(self._init)
-
-    @staticmethod
-    def _init(m):
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)
+        self.blocks = nn.ModuleList(Block(d, n_heads, ff_dim, dropout, attn_dropout)
+                                    for _ in range(n_layers))
+        self.head = nn.Linear(d, N_ACTIONS)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
 
     def new_cache(self, batch: int, device) -> torch.Tensor:
-        return torch.zeros(self.n_layers, 2, batch, self.n_heads, self.seq_len, self.d // self.n_heads, device=device)
+        dh = self.d // self.n_heads
+        return torch.zeros(self.n_layers, 2, batch, self.n_heads, self.seq_len, dh, device=device)
 
     def forward(self, obs, prev_a, prev_r, cache=None, start: int = 0):
-        """obs (B, L, 2) long, prev_a (B, L) long, prev_r (B, L) float -> action logits (B, L, A).
+        """obs (B, L, 2) long, prev_a (B, L) long, prev_r (B, L) float -> logits (B, L, A).
         With `cache`, the tokens sit at positions start..start+L-1 of the window."""
-        L = obs.shape[1]
-        if start + L > self.seq_len:
-            raise ValueError(f"{start + L} tokens exceed the context of {self.seq_len}")
-        pos = torch.arange(start, start + L, device=obs.device)
-        h = (self.x_emb(obs[..., 0]) + self.y_emb(obs[..., 1]) + self.a_emb(prev_a)
-             + self.r_emb(prev_r[..., None]) + self.pos_emb(pos))                   # (B, L, d)
-        h = self.drop(h)
-        for i, blk in enumerate(self.blocks):
-            h = blk(h, None if cache is None else cache[i], start)
-        return self.head(self.ln_f(h))                                              # (B, L, A)
+        pos = torch.arange(start, start + obs.shape[1], device=obs.device)
+        h = self.drop(self.x_emb(obs[..., 0]) + self.y_emb(obs[..., 1]) + self.a_emb(prev_a)
+                      + self.r_emb(prev_r[..., None]) + self.pos_emb(pos))  # (B, L, d)
+        for i, block in enumerate(self.blocks):
+            h = block(h, None if cache is None else cache[i], start)
+        return self.head(h)                                         # (B, L, A)
 
+def make_model(args: Args) -> ADTransformer:
+    cfg = ENV_CONFIG[args.env]
+    return ADTransformer(cfg["size"], args.context_episodes * cfg["max_steps"], args.d_model,
+                         args.n_layers, args.n_heads, args.ff_dim, args.dropout, args.attn_dropout)
 
-# ======================================================================================
-# In-context evaluation (Sec. 5): many episodes per task, the context is never cleared
-# ======================================================================================
-@torch.no_grad()
-def in_context_returns(model: ADTransformer, variant: str, tasks, n_episodes: int, ctx: int, seed: int = 0,
-                       argmax: bool = False, use_cache: bool = True, bf16: bool = False,
-                       progress: bool = False, return_actions: bool = False):
-    """Roll `model` on every task at once for `n_episodes` episodes; returns (N, n_episodes)
-    (and the actions (N, n_episodes * T) with return_actions).
-    The window holds the current episode plus up to ctx-1 previous ones. With the cache each
-    step feeds one token; when an episode starts on a full window the oldest episode is dropped
-    and the cache is rebuilt from the remaining ctx-1 episodes with one prefill, so the cached
-    policy is exactly the uncached one (which recomputes the window at every step)."""
-    device = next(model.parameters()).device
+def ad_loss(model: ADTransformer, batch) -> torch.Tensor:
+    """Algorithm 1: -log pi(a_t | h_t), averaged over the positions of the loss mask."""
+    obs, prev_a, prev_r, act, mask = batch
+    logits = model(obs, prev_a, prev_r)                                          # (B, L, A)
+    nll = F.cross_entropy(logits.reshape(-1, N_ACTIONS), act.reshape(-1), reduction="none")
+    return (nll * mask.reshape(-1)).sum() / mask.sum()
+
+# ===== Acting in context (Sec. 5): the context is kept across episodes =====
+class InContextPolicy:
+    """AD / ED on n tasks in lockstep: __call__(obs (n, 2)) -> actions (n,); observe(rewards,
+    dones) after each step; reset(n) clears the context. The window holds the current episode and
+    up to ctx-1 before it: on a full window a new episode drops the oldest one. Actions are sampled
+    by inverse CDF, one uniform per task and step (the same draws with and without the cache)."""
+    def __init__(self, model: ADTransformer, ctx: int, use_cache=True, argmax=False, seed=0):
+        self.model, self.ctx, self.use_cache, self.argmax = model, ctx, use_cache, argmax
+        self.seed, self.device = seed, next(model.parameters()).device
+
+    def reset(self, n: int) -> None:
+        dev = self.device  # the window: obs (n, L, 2), prev_a (n, L), prev_r (n, L)
+        self.win = [torch.zeros(n, 0, 2, dtype=torch.long, device=dev),
+                    torch.zeros(n, 0, dtype=torch.long, device=dev), torch.zeros(n, 0, device=dev)]
+        self.prev_a = torch.full((n,), N_ACTIONS, device=dev)  # a history's start: no action
+        self.prev_r = torch.zeros(n, device=dev)
+        self.starts, self.new_episode = [0], False  # where each episode of the window starts
+        self.gen = torch.Generator(dev).manual_seed(self.seed)
+        self.cache, self.cached = None, 0
+
+    @torch.no_grad()
+    def __call__(self, obs) -> np.ndarray:
+        if self.new_episode:  # a_{t-1}, r_{t-1} carry over, as in the flat training sequence
+            self.starts, self.new_episode = self.starts + [self.win[0].shape[1]], False
+            if len(self.starts) > self.ctx:  # full window: drop its oldest episode
+                cut = self.starts[1]
+                self.win = [w[:, cut:] for w in self.win]
+                self.starts, self.cached = [s - cut for s in self.starts[1:]], 0
+        obs = torch.as_tensor(np.asarray(obs), device=self.device).long().reshape(-1, 2)
+        self.win = [torch.cat([w, x[:, None]], 1) for w, x in
+                    zip(self.win, (obs, self.prev_a, self.prev_r))]
+        if not self.use_cache:  # the plain version: the whole window at every step
+            logits = self.model(*self.win)[:, -1]                                   # (n, A)
+        else:  # key-value cache: one token per step, one prefill of the window after a slide
+            if self.cache is None:
+                self.cache = self.model.new_cache(len(obs), self.device)
+            c = self.cached
+            logits = self.model(*(w[:, c:] for w in self.win), cache=self.cache, start=c)[:, -1]
+            self.cached = self.win[0].shape[1]
+        probs = torch.softmax(logits.float(), -1)
+        if self.argmax:
+            a = probs.argmax(-1)
+        else:
+            u = torch.rand(len(probs), 1, generator=self.gen, device=self.device)
+            a = (probs.cumsum(-1) < u).sum(-1).clamp(max=N_ACTIONS - 1)
+        self.prev_a = a
+        return a.cpu().numpy()
+
+    def observe(self, rewards, dones) -> None:
+        self.prev_r = torch.as_tensor(np.asarray(rewards), dtype=torch.float32, device=self.device)
+        dones = np.asarray(dones, dtype=bool)
+        if dones.any() != dones.all():
+            raise ValueError("InContextPolicy steps its tasks in lockstep: episodes must end "
+                             "together (Dark Room episodes all last max_steps steps)")
+        self.new_episode = bool(dones.all())
+
+def in_context_returns(policy: InContextPolicy, variant: str, tasks, n_episodes: int,
+                       progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Fig. 4 protocol for one policy: reset its context once, then `n_episodes` episodes in a
+    row on every task without clearing it. -> returns (N, episodes), actions (N, episodes, T)."""
     env = BatchDarkRoom(variant, tasks)
-    N, T = env.n, env.max_steps
-    model.eval()
-    obs_buf = torch.zeros(N, n_episodes * T, 2, dtype=torch.long, device=device)   # (N, total, 2)
-    pa_buf = torch.full((N, n_episodes * T), N_ACTIONS, dtype=torch.long, device=device)
-    pr_buf = torch.zeros(N, n_episodes * T, device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    prev_a = torch.full((N,), N_ACTIONS, dtype=torch.long, device=device)
-    prev_r = torch.zeros(N, device=device)
-    cache = model.new_cache(N, device) if use_cache else None
-    returns = np.zeros((N, n_episodes))
-    first = 0
-    for ep in tqdm(range(n_episodes), desc="in-context eval", disable=not progress, leave=False):
-        obs = env.reset()
-        new_first = max(0, ep - ctx + 1) * T          # window start, in steps of the whole run
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            if use_cache and new_first != first and ep * T > new_first:  # slide: drop the oldest episode
-                model(obs_buf[:, new_first:ep * T], pa_buf[:, new_first:ep * T], pr_buf[:, new_first:ep * T],
-                      cache=cache, start=0)
-            first = new_first
-            for t in range(T):
-                i = ep * T + t
-                obs_buf[:, i] = torch.as_tensor(obs, device=device)
-                pa_buf[:, i], pr_buf[:, i] = prev_a, prev_r
-                if use_cache:
-                    logits = model(obs_buf[:, i:i + 1], pa_buf[:, i:i + 1], pr_buf[:, i:i + 1], cache=cache,
-                                   start=i - first)[:, -1]                           # (N, A)
-                else:
-                    logits = model(obs_buf[:, first:i + 1], pa_buf[:, first:i + 1], pr_buf[:, first:i + 1])[:, -1]
-                probs = torch.softmax(logits.float(), -1)
-                if argmax:
-                    a = probs.argmax(-1)
-                else:  # inverse-CDF sampling with one uniform per task (same draws cached / uncached)
-                    u = torch.rand(N, 1, generator=gen, device=device)
-                    a = (probs.cumsum(-1) < u).sum(-1).clamp(max=N_ACTIONS - 1)
-                obs, r, _ = env.step(a.cpu().numpy())                     # the numpy env needs the actions
-                prev_a, prev_r = a, torch.as_tensor(r, device=device)
-                returns[:, ep] += r
-    if return_actions:
-        return returns, torch.cat([pa_buf[:, 1:], prev_a[:, None]], 1).cpu().numpy()
-    return returns
+    policy.model.eval()
+    policy.reset(env.n)
+    returns = np.zeros((env.n, n_episodes))
+    actions = np.zeros((env.n, n_episodes, env.max_steps), dtype=np.int64)
+    with tqdm(total=env.n * n_episodes * env.max_steps, desc="in-context eval", unit="step",
+              disable=not progress, leave=False) as bar:
+        for ep in range(n_episodes):
+            obs = env.reset()
+            for t in range(env.max_steps):
+                actions[:, ep, t] = policy(obs)
+                obs, rew, done = env.step(actions[:, ep, t])
+                policy.observe(rew, np.full(env.n, done))
+                returns[:, ep] += rew
+                bar.update(env.n)
+    return returns, actions
 
+def evaluate(args: Args, models: dict, train_tasks, test_tasks, progress=True) -> dict:
+    """Fig. 4: every held-out task x EVAL_REPEATS runs, eval_episodes episodes in context; the mean
+    return per episode. The source learns the same tasks from scratch and is compared on the
+    history AD imitates (its kept episode i = episode k*(i-1)+1, k = --subsample) and, for
+    reference, on all its episodes (raw)."""
+    tasks, n = np.repeat(test_tasks, EVAL_REPEATS, 0), len(test_tasks)
+    probe = np.repeat(train_tasks[:n], EVAL_REPEATS, 0)  # the known failure: learns on train only
+    curves = {}
+    for name, on in [(k, tasks) for k in models] + [("AD (train tasks)", probe)]:
+        policy = InContextPolicy(models[name[:2]], args.context_episodes, seed=args.seed)
+        curves[name] = in_context_returns(policy, args.env, on, args.eval_episodes, progress)[0]
+    src = q_learning(BatchDarkRoom(args.env, tasks), args.source_episodes,
+                     np.random.default_rng(args.seed + 2), args.q_eps_decay)["rewards"].sum(-1)
+    curves["source (kept episodes)"], curves["source (raw)"] = src[:, ::args.subsample], src
+    env, rng = BatchDarkRoom(args.env, tasks), np.random.default_rng(args.seed)
+    rand = sum(env.step(rng.integers(0, N_ACTIONS, env.n))[1] for _ in range(env.max_steps))
+    curves["random"] = np.repeat(rand[:, None], args.eval_episodes, 1)  # uniform actions
+    curves["optimal"] = np.repeat(env.optimal_returns()[:, None], args.eval_episodes, 1)
+    return {k: c.mean(0) for k, c in curves.items()}      # (episodes,) each
 
-def random_returns(variant: str, tasks, n_episodes: int, seed: int) -> np.ndarray:
-    env, rng = BatchDarkRoom(variant, tasks), np.random.default_rng(seed)
-    out = np.zeros((env.n, n_episodes))
-    for ep in range(n_episodes):
-        env.reset()
-        for _ in range(env.max_steps):
-            out[:, ep] += env.step(rng.integers(0, N_ACTIONS, env.n))[1]
-    return out
-
-
-def episodes_to_reach(curve: np.ndarray, threshold: float, smooth: int = 5) -> Optional[int]:
-    """First episode (1-based) where the `smooth`-episode moving average reaches `threshold`."""
-    if len(curve) < smooth:
-        return None
-    avg = np.convolve(curve, np.ones(smooth) / smooth, mode="valid")
-    hit = np.flatnonzero(avg >= threshold)
-    return int(hit[0] + smooth) if len(hit) else None
-
-
-# ======================================================================================
-# Training: next-action prediction over the learning histories (Algorithm 1)
-# ======================================================================================
-def make_model(args: Args, device) -> ADTransformer:
-    T = ENV_CONFIG[args.env]["max_steps"]
-    return ADTransformer(ENV_CONFIG[args.env]["size"], args.context_episodes * T, args.d_model, args.n_layers,
-                         args.n_heads, args.dropout, args.attn_dropout).to(device)
-
-
-def make_optim(model: nn.Module, args: Args, steps: int):
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
-    warm = max(1, min(args.warmup_steps, steps // 10))
-
-    def lr_lambda(step):  # linear warm-up, then cosine decay to 0 (paper: cosine schedule, peak 3e-4)
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warm) / max(1, steps - warm))))
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-
-
-def write_results(run_dir: Path, curves: dict, summary: str) -> None:
-    """in_context.csv / in_context.md (mean return per episode index) and in_context.png."""
-    names = list(curves)
-    n = max(len(c) for c in curves.values())
-    rows = [[str(e + 1)] + [f"{curves[k][e]:.2f}" if e < len(curves[k]) else "" for k in names] for e in range(n)]
-    text = ",".join(["episode"] + names) + "\n" + "\n".join(",".join(r) for r in rows) + "\n"
-    (run_dir / "in_context.csv").write_text(text)
-    md = ["| episode | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    md += ["| " + " | ".join(r) + " |" for r in rows]
-    (run_dir / "in_context.md").write_text(summary + "\n\n" + "\n".join(md) + "\n")
+def report(folder: Path, curves: dict, args: Args) -> str:
+    """in_context.csv, in_context.md (summary + table), in_context.png; returns the summary."""
+    opt, E, names = curves["optimal"][0], len(curves["AD"]), list(curves)[:-2]
+    avg = {k: np.convolve(curves[k], np.ones(5) / 5, mode="valid") for k in names}  # 5-episode mean
+    reach = {k: [next((i + 5 for i, v in enumerate(avg[k]) if v >= p * opt), None)
+                 for p in (0.5, 0.75)] for k in names}
+    summary = (f"{args.env}, {args.split[1]} held-out tasks x {EVAL_REPEATS} runs, sampled "
+               "actions. Episodes to 50% / 75% of optimal (5-episode mean): " + "; ".join(
+                   f"{k} {a or f'> {len(curves[k])}'} / {b or f'> {len(curves[k])}'}"
+                   for k, (a, b) in reach.items()))
+    rows = [[str(e + 1)] + [f"{c[e]:.2f}" if e < len(c) else "" for c in curves.values()]
+            for e in range(E)]
+    (folder / "in_context.csv").write_text("\n".join(map(",".join, [["episode", *curves], *rows])))
+    table = [["episode", *curves], ["---"] * (len(curves) + 1), *rows]
+    (folder / "in_context.md").write_text(summary + "\n\n" + "\n".join(
+        "| " + " | ".join(r) + " |" for r in table) + "\n")
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("[ad] matplotlib is not installed: no plot (pip install matplotlib); the table is in_context.csv")
-        return
+        return summary + " (no plot: pip install matplotlib)"
     fig, ax = plt.subplots(figsize=(6, 4))
-    for k in names:
-        ax.plot(np.arange(1, len(curves[k]) + 1), curves[k], label=k, ls="--" if k in ("random", "optimal") else "-")
-    ax.set_xlabel("episode (context kept across episodes)"), ax.set_ylabel("mean return, held-out tasks")
-    ax.legend(), fig.tight_layout(), fig.savefig(run_dir / "in_context.png", dpi=120), plt.close(fig)
-
-
-def evaluate_all(args: Args, models: dict, test_tasks, train_tasks, device, run_dir: Path) -> dict:
-    """In-context curves of AD / ED on held-out tasks, and the source / random / optimal references."""
-    streams = np.repeat(test_tasks, args.eval_repeats, 0)  # (N, 2|4): eval_repeats runs per held-out task
-    curves, E = {}, args.eval_episodes
-    for name, model in models.items():
-        curves[name] = in_context_returns(model, args.env, streams, E, args.context_episodes, seed=args.seed,
-                                          argmax=args.argmax, bf16=args.bf16, progress=True).mean(0)
-    curves["AD (train tasks)"] = in_context_returns(
-        models["AD"], args.env, np.repeat(train_tasks[:len(test_tasks)], args.eval_repeats, 0), E,
-        args.context_episodes, seed=args.seed, argmax=args.argmax, bf16=args.bf16).mean(0)
-    src = q_learning(BatchDarkRoom(args.env, streams), args.source_episodes, np.random.default_rng(args.seed + 2),
-                     args.q_lr, args.q_gamma, args.q_eps_end, args.q_eps_decay, args.q_replay)["rewards"].sum(-1).mean(0)
-    curves["source (Q-learning)"] = src[:E]
-    curves["random"] = np.full(E, random_returns(args.env, streams, 20, args.seed).mean())
-    optimal = BatchDarkRoom(args.env, test_tasks).optimal_returns().mean()
-    curves["optimal"] = np.full(E, optimal)
-    full = {"AD": curves["AD"], "ED": curves["ED"], "source": src}   # the source curve: all its episodes
-    reach = {pct: {k: episodes_to_reach(c, pct / 100 * optimal) for k, c in full.items()} for pct in (50, 75)}
-    parts = [f"{pct / 100 * optimal:.2f} ({pct}% of optimal): "
-             + ", ".join(f"{k} {v if v else f'> {len(full[k])}'}" for k, v in r.items()) for pct, r in reach.items()]
-    summary = (f"{args.env}: {len(test_tasks)} held-out tasks x {args.eval_repeats} runs, {E} episodes in context "
-               f"({'argmax' if args.argmax else 'sampled'} actions). Episodes until the 5-episode mean return "
-               "reaches " + "; ".join(parts))
-    write_results(run_dir, curves, summary)
-    print("[ad] " + summary)
-    show = sorted({e for e in (1, 5, 10, 20, 30, 40, E) if e <= E})
-    print("[ad] episode:   " + " ".join(f"{e:5d}" for e in show))
     for k, c in curves.items():
-        print(f"[ad] {k[:10]:10s} " + " ".join(f"{c[e - 1]:5.2f}" for e in show))
-    out = {f"{k}_curve": [float(x) for x in c] for k, c in curves.items()}
-    out.update({f"{k}_episodes_to_{pct}pct": v for pct, r in reach.items() for k, v in r.items()})
-    for k in models:
-        out[f"{k}_first"] = float(curves[k][0])
-        out[f"{k}_ep40"] = float(curves[k][min(40, E) - 1])
-        out[f"{k}_last5"] = float(curves[k][-5:].mean())
-    out.update(random=float(curves["random"][0]), optimal=float(optimal))
-    return out
+        ax.plot(np.arange(1, len(c[:E]) + 1), c[:E], label=k)
+    ax.set(xlabel="episode (context kept)", ylabel="mean return, held-out tasks")
+    ax.legend(fontsize=7)
+    fig.savefig(folder / "in_context.png", dpi=120)
+    plt.close(fig)
+    return summary
 
+def check_args(args: Args) -> None:
+    if args.env not in ENV_CONFIG:
+        raise ValueError(f"unknown --env {args.env!r}: use one of {', '.join(ENV_CONFIG)}")
+    if len(args.split) != 2 or min(args.split + (args.context_episodes, args.subsample)) < 1:
+        raise ValueError("--split takes two positive numbers (training, held-out tasks); "
+                         "--context-episodes and --subsample must be >= 1")
+    if not 0 < args.q_eps_decay <= 1:
+        raise ValueError(f"--q-eps-decay {args.q_eps_decay}: a fraction of the episodes, (0, 1]")
+    if args.eval_only and not args.checkpoint:
+        raise ValueError("--eval-only needs --checkpoint PATH (a checkpoint.pt of ad.py)")
 
-def train_phase(name: str, model, sampler, steps: int, args: Args, state: dict, ckpt, logger, eval_fn) -> None:
-    """Train `model` to `steps` gradient steps, continuing from state[name] (a resumed checkpoint)."""
-    ph = state[name]
-    opt, sched = ph["opt"], ph["sched"]
-    model.train()
-    bar = tqdm(total=steps, initial=ph["step"], desc=f"train {name}", unit="step")
-    last_eval, t0, s0 = float("nan"), time.time(), ph["step"]
-    while ph["step"] < steps:
-        obs, pa, pr, act, mask = sampler.sample(args.batch_size, state["batch_rng"])
-        with torch.autocast(sampler.device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            logits = model(obs, pa, pr)                                                  # (B, L, A)
-        nll = F.cross_entropy(logits.float().reshape(-1, N_ACTIONS), act.reshape(-1), reduction="none")
-        loss = (nll * mask.reshape(-1)).sum() / mask.sum()                              # -log pi(a_t | h_t)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        sched.step()
-        ph["step"] += 1
-        step = ph["step"]
-        bar.update(1)
-        if step % 50 == 0 or step == steps:
-            acc = ((logits.argmax(-1) == act) & mask).sum().item() / mask.sum().item()
-            sps = (step - s0) / (time.time() - t0)
-            logger.log(step, **{f"losses/{name}_loss": loss.item(), f"losses/{name}_accuracy": acc,
-                                "charts/learning_rate": sched.get_last_lr()[0], "charts/SPS": sps})
-            bar.set_postfix(loss=f"{loss.item():.3f}", eval=f"{last_eval:.2f}")
-        if eval_fn is not None and args.eval_every > 0 and step % args.eval_every == 0 and step < steps:
-            last_eval = eval_fn(model)
-            logger.log(step, **{f"eval/{name}_return_mean": last_eval})
-            bar.set_postfix(loss=f"{loss.item():.3f}", eval=f"{last_eval:.2f}")
-            model.train()
-        if args.save_every > 0 and step % args.save_every == 0:
-            ckpt()
-    bar.close()
+def make_optimizer(model: nn.Module, args: Args):
+    """Adam without weight decay; lr from 2e-6 up to --lr over the first 5% of the updates, then
+    cosine back to 2e-6 (the table: cosine decay, warm-up from 2e-6)."""
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    warm, lo, total = max(1, int(WARMUP * args.total_steps)), LR_MIN / args.lr, args.total_steps
 
+    def scale(i):  # lr / --lr after i updates
+        up = min(1.0, i / warm) if i < warm else 0.5 + 0.5 * math.cos(math.pi * min(1.0, (
+            i - warm) / max(1, total - warm)))
+        return lo + (1 - lo) * up
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, scale)
 
 def main(argv=None) -> dict:
     args = common.parse_args(Args, argv)
-    if args.env not in ENV_CONFIG:
-        raise ValueError(f"unknown --env {args.env!r}: use one of {', '.join(ENV_CONFIG)}")
-    if args.context_episodes < 1 or args.subsample < 1:
-        raise ValueError("--context-episodes and --subsample must be >= 1")
-    if not (0 <= args.q_eps_end <= 1 and 0 < args.q_eps_decay <= 1 and 0 < args.q_lr <= 1 and 0 <= args.q_gamma < 1):
-        raise ValueError("Q-learning needs 0 <= --q-eps-end <= 1, 0 < --q-eps-decay <= 1 (a fraction of the "
-                         "episodes), 0 < --q-lr <= 1 and 0 <= --q-gamma < 1")
-    loaded = None
-    if args.eval_only:
-        if not args.checkpoint:
-            raise ValueError("--eval-only needs --checkpoint PATH (a checkpoint.pt written by ad.py)")
-        loaded = common.load_checkpoint(args.checkpoint, required=("AD", "ED", "args"))
-    elif args.resume:
-        loaded = common.load_checkpoint(args.resume, required=("AD", "ED", "args", "rng", "batch_rng"))
-    if loaded is not None:
-        saved = loaded["args"]
-        keys = ("env", "context_episodes", "d_model", "n_layers", "n_heads", "n_train_tasks", "n_test_tasks")
-        for k in keys + (("seed",) if args.resume else ()):
-            if saved[k] != getattr(args, k):
-                raise ValueError(f"checkpoint was trained with --{k.replace('_', '-')} {saved[k]}, "
-                                 f"this run has {getattr(args, k)}: pass the same value")
+    check_args(args)
     common.set_seed(args.seed)
     device = common.get_device(args.cuda)
-    run_dir = args.run_dir or (str(Path(args.resume).parent) if args.resume else None)
-    logger = common.RunLogger(args, "ad", run_dir, tensorboard=args.tensorboard, track=args.track)
-    train_tasks, test_tasks = task_split(args)
-    if loaded is not None and "test_tasks" in loaded:  # the checkpoint's own split (--seed may differ)
-        train_tasks, test_tasks = np.asarray(loaded["train_tasks"]), np.asarray(loaded["test_tasks"])
-    models = {"AD": make_model(args, device), "ED": make_model(args, device)}
     if args.eval_only:
-        for k in models:
-            models[k].load_state_dict(loaded[k]["model"])
-        out = evaluate_all(args, models, test_tasks, train_tasks, device, logger.dir)
-        logger.log(0, **{"eval/return_mean": out["AD_last5"]})
-        logger.close()
-        return out
+        ckpt, path = common.load_checkpoint(args.checkpoint, "ad"), args.checkpoint
+        saved = {k: v for k, v in ckpt["args"].items() if k in Args.__dataclass_fields__}
+        args = Args(**{**saved, "eval_episodes": args.eval_episodes})  # all else as trained
+        models = {k: load_policy(path, device, k).model for k in ("AD", "ED")}
+        train_tasks, test_tasks = np.array(ckpt["train_tasks"]), np.array(ckpt["test_tasks"])
+        curves = evaluate(args, models, train_tasks, test_tasks)
+        print("[ad] " + report(Path(path).parent, curves, args))
+        return curves
+    train_tasks, test_tasks = task_split(args)
+    hist = load_histories(args, train_tasks, test_tasks)
+    E = hist["actions"].shape[1]
+    data = {"AD": WindowSampler(hist, args.context_episodes, device),  # the whole histories
+            "ED": WindowSampler(hist, args.context_episodes, device, E - args.expert_episodes)}
+    models = {k: make_model(args).to(device) for k in data}
+    optim = {k: make_optimizer(m, args) for k, m in models.items()}
+    gen = torch.Generator().manual_seed(args.seed)
+    run = common.Run(args, "ad", extra=dict(train_tasks=train_tasks.tolist(),
+                                            test_tasks=test_tasks.tolist()), sampler=gen,
+                     **{f"{k}_{n}": o for k in models for n, o in
+                        zip(("model", "optimizer", "scheduler"), (models[k], *optim[k]))})
+    for step in run.loop(args.total_steps):
+        losses = {}
+        for k, model in models.items():  # Algorithm 1, one update each: equal budgets
+            model.train()
+            opt, sched = optim[k]
+            loss = ad_loss(model, data[k].sample(args.batch_size, gen))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+            opt.step()
+            sched.step()
+            losses[f"losses/{k}_loss"] = loss.item()
+        if run.every(50):
+            run.log(**losses, **{"charts/learning_rate": optim["AD"][1].get_last_lr()[0]})
+        if run.every(args.eval_every):
+            policy = InContextPolicy(models["AD"], args.context_episodes, seed=args.seed)
+            ret = in_context_returns(policy, args.env, test_tasks, min(args.eval_episodes, 20))[0]
+            run.log(**{"eval/return_mean": ret[:, -5:].mean()})
+            run.save()
+    folder = run.finish()
+    curves = evaluate(args, models, train_tasks, test_tasks)
+    print("[ad] " + report(folder, curves, args))
+    return dict(curves, run_dir=str(folder))
 
-    hist = load_histories(args, train_tasks)
-    ed_steps = args.total_steps if args.ed_steps is None else args.ed_steps
-    E = hist["observations"].shape[1]
-    samplers = {"AD": WindowSampler(hist, args.context_episodes, device),
-                "ED": WindowSampler(hist, args.context_episodes, device, first_episode=E - args.expert_episodes)}
-    steps = {"AD": args.total_steps, "ED": ed_steps}
-    state = {"batch_rng": np.random.default_rng(args.seed + 3)}
-    for k, m in models.items():
-        opt, sched = make_optim(m, args, steps[k])
-        state[k] = dict(opt=opt, sched=sched, step=0)
-    if args.resume:
-        for k, m in models.items():
-            m.load_state_dict(loaded[k]["model"])
-            state[k]["opt"].load_state_dict(loaded[k]["optimizer"])
-            state[k]["sched"].load_state_dict(loaded[k]["scheduler"])
-            state[k]["step"] = loaded[k]["step"]
-        state["batch_rng"].bit_generator.state = loaded["batch_rng"]
-        common.set_rng_state(loaded["rng"])
-        print(f"[ad] resumed {args.resume}: AD step {state['AD']['step']}, ED step {state['ED']['step']}")
-    ckpt_path = logger.dir / "checkpoint.pt"
-
-    def ckpt():
-        common.save_checkpoint(ckpt_path, {
-            **{k: dict(model=m.state_dict(), optimizer=state[k]["opt"].state_dict(),
-                       scheduler=state[k]["sched"].state_dict(), step=state[k]["step"]) for k, m in models.items()},
-            "rng": common.rng_state(), "batch_rng": state["batch_rng"].bit_generator.state,
-            "args": {k: getattr(args, k) for k in Args.__dataclass_fields__},
-            "train_tasks": train_tasks, "test_tasks": test_tasks})
-
-    quick_tasks = np.repeat(test_tasks, 2, 0)
-    quick_eval = lambda m: float(in_context_returns(m, args.env, quick_tasks, min(args.eval_episodes, 30),
-                                                    args.context_episodes, seed=args.seed, bf16=args.bf16)[:, -5:].mean())
-    try:
-        for k in ("AD", "ED"):  # Algorithm 1 on the whole histories (AD), on the final episodes only (ED)
-            train_phase(k, models[k], samplers[k], steps[k], args, state, ckpt, logger,
-                        quick_eval if k == "AD" else None)
-    except KeyboardInterrupt:
-        ckpt()
-        print(f"[ad] interrupted: checkpoint saved to {ckpt_path}; continue with --resume {ckpt_path}")
-        logger.close()
-        return {"interrupted": True, "checkpoint": str(ckpt_path)}
-    ckpt()
-    out = evaluate_all(args, models, test_tasks, train_tasks, device, logger.dir)
-    logger.log(steps["AD"], **{"eval/return_mean": out["AD_last5"], "eval/AD_ep40": out["AD_ep40"],
-                               "eval/ED_ep40": out["ED_ep40"]})
-    logger.close()
-    out["checkpoint"], out["run_dir"] = str(ckpt_path), str(logger.dir)
-    return out
+def load_policy(path, device="cpu", which: str = "AD", seed: int = 0) -> InContextPolicy:
+    """A batched in-context policy (AD or ED) from a checkpoint of ad.py; it keeps its context
+    across episodes: reset(n), then act = policy(obs (n, 2)) and policy.observe(rewards, dones)."""
+    ckpt = common.load_checkpoint(path, "ad")
+    args = Args(**{k: v for k, v in ckpt["args"].items() if k in Args.__dataclass_fields__})
+    model = make_model(args).to(device)
+    model.load_state_dict(ckpt[f"{which}_model"])
+    return InContextPolicy(model.eval(), args.context_episodes, seed=seed)
 
 
 if __name__ == "__main__":
