@@ -1,84 +1,120 @@
-"""Benchmarks of dt.py: vectorized vs one-episode-at-a-time evaluation, training throughput, memory.
+"""Benchmarks of dt.py: training updates/s with MFU (fp32, --bf16, torch.compile) at the official
+config, vectorized vs one-episode-at-a-time evaluation, peak memory. Ratios in one process only.
 
-    python benchmarks/bench.py --only dt --quick     # smoke
-    python benchmarks/bench.py --only dt             # the numbers
+    python benchmarks/bench.py --only dt --quick       # smoke
+    python benchmarks/bench.py --only dt_train         # updates/s, MFU (compile takes minutes)
+    python benchmarks/peers/d3rlpy_dt.py --help        # d3rlpy's DT on the same data and CPU
+
+MFU = FLOPs of one update (torch's FlopCounterMode on the eager model) x updates/s, over the
+peak of a 1024^3 matmul in the same dtype measured in the same run.
 """
 import resource
-import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import common
 import dt
 from bench import median_time
 
 
-def _peak_memory(device) -> tuple:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20, "MiB (torch.cuda.max_memory_allocated)"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "MiB (process peak RSS, ru_maxrss)"
+def matmul_peak(dtype, n: int = 1024) -> float:
+    """FLOP/s of an n^3 matmul in this process (the MFU denominator)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n**3 / median_time(lambda: a @ b, repeats=5, warmup=2)
 
 
-def dt_eval(quick: bool):
-    """10 halfcheetah episodes (never terminate early) with one DT at the default config:
-    vectorized (one batched forward per step) vs one episode at a time (batch 1), same policy class."""
-    n, steps = (2, 30) if quick else (10, 200)
-    device = common.get_device(True)
-    rows = []
-    for bf16 in (False, True):
-        args = dt.check_args(dt.Args(env="halfcheetah", eval_episodes=n, eval_max_steps=steps, bf16=bf16,
-                                     target_returns=(6000.0,)))
-        torch.manual_seed(0)
-        model = dt.DecisionTransformer(*common.env_dims("halfcheetah"), args).to(device).eval()
-        mean, std = torch.zeros(model.embed_state.in_features), torch.ones(model.embed_state.in_features)
+def make_update(data: dt.TrajectoryData, args: dt.Args, device, compiled: bool = False):
+    """-> update(): one iteration of dt.main's loop (sample, forward, masked loss, backward,
+    clip, AdamW, warmup), on a fresh model seeded 0."""
+    torch.manual_seed(0)
+    model = dt.DecisionTransformer(data.obs_dim, data.act_dim, args).to(device).train()
+    optimizer, scheduler = dt.make_optimizer(model, args)
+    fwd = torch.compile(model) if compiled else model
+    gen = torch.Generator(device=device).manual_seed(0)
 
-        def run(n_envs, seed):
-            pol = dt.DTPolicy(model, args, mean, std, device, target=6000.0)
-            return common.evaluate(pol, "halfcheetah", n_episodes=n_envs, seed=seed, max_steps=steps)
+    def update():
+        states, actions, returns, timesteps, mask = data.sample(args.batch_size,
+                                                                args.context_len, gen)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            pred, logits = fwd(states, actions, returns, timesteps)
+        loss = dt.loss_fn(pred, logits, actions, returns, mask, args)["total_loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), dt.GRAD_CLIP)
+        optimizer.step()
+        scheduler.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
 
-        vec = median_time(lambda: run(n, 0), repeats=1 if quick else 2, warmup=1)
-        seq = median_time(lambda: [run(1, i) for i in range(n)], repeats=1 if quick else 2, warmup=0)
-        setting = f"{n} episodes x {steps} steps, K=20 d=128 3 layers, {'bf16' if bf16 else 'fp32'}, {device}"
-        rows += [dict(row="dt_eval", metric=f"vectorized ({'bf16' if bf16 else 'fp32'})", value=n * steps / vec,
-                      unit="env steps/s", setting=setting),
-                 dict(row="dt_eval", metric=f"one at a time ({'bf16' if bf16 else 'fp32'})", value=n * steps / seq,
-                      unit="env steps/s", setting=setting),
-                 dict(row="dt_eval", metric=f"speed-up ({'bf16' if bf16 else 'fp32'})", value=seq / vec, unit="x",
-                      setting=setting, notes="target >= 5x")]
-    return rows
+    return update
+
+
+def flops_per_update(data, args, device) -> float:
+    with FlopCounterMode(display=False) as fc:
+        make_update(data, args, device)()
+    return fc.get_total_flops()
 
 
 def dt_train(quick: bool):
-    """Updates per second at the default config (batch 64, K=20, d=128, 3 layers), fp32 and bf16,
-    on hopper/medium, plus peak memory."""
+    """Updates/s at the official config (batch 64, K=20, d=128, 3 layers) on hopper/medium:
+    fp32, --bf16 and torch.compile'd fp32 (not in --quick), each with its MFU."""
     device = common.get_device(True)
     data_np = common.load_dataset("hopper", "medium", verbose=False)
     if quick:
         data_np = {k: v[:20_000] for k, v in data_np.items()}
+    data = dt.TrajectoryData(data_np, dt.Args(), device)
+    flops = flops_per_update(data, dt.Args(), device)
+    peaks = {False: matmul_peak(torch.float32), True: matmul_peak(torch.bfloat16)}
+    (n, repeats), rows, rate = (2, 1) if quick else (10, 3), [], {}
+    settings = [("fp32", False, False), ("bf16 autocast", True, False)]
+    settings += [] if quick else [("fp32 torch.compile", False, True)]
+    for name, bf16, compiled in settings:
+        update = make_update(data, dt.Args(bf16=bf16), device, compiled)
+        rate[name] = n / median_time(lambda: [update() for _ in range(n)], repeats, warmup=1)
+        mfu = flops * rate[name] / peaks[bf16]
+        rows.append(dict(row="dt_train", metric=f"updates/s ({name})", value=rate[name],
+                         unit="updates/s", setting=f"batch 64, K=20, d=128, 3 layers, {device}, "
+                         f"{torch.get_num_threads()} threads",
+                         notes=f"{flops / 1e9:.1f} GFLOP/update, MFU {100 * mfu:.0f}% of "
+                               f"{peaks[bf16] / 1e9:.0f} GFLOP/s ({'bf16' if bf16 else 'fp32'})"))
+    for name in list(rate)[1:]:
+        rows.append(dict(row="dt_train", metric=f"{name} / fp32", value=rate[name] / rate["fp32"],
+                         unit="x", setting="same process, same data"))
+    rows.append(dict(row="dt_train", metric="peak memory",
+                     value=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                     unit="MiB (peak RSS)", setting="includes the 1M-transition dataset"))
+    return rows
+
+
+def dt_eval(quick: bool):
+    """10 halfcheetah episodes (no early ends) with one DT at the default config: all at once
+    (one batched forward per step) vs one episode at a time, same policy class."""
+    n, steps = (2, 30) if quick else (10, 200)
+    device = common.get_device(True)
     rows = []
     for bf16 in (False, True):
-        args = dt.check_args(dt.Args(bf16=bf16))
-        data = dt.TrajectoryData(data_np, args, device)
+        args = dt.Args(env="halfcheetah", bf16=bf16)
         torch.manual_seed(0)
-        model = dt.DecisionTransformer(data.obs_dim, data.act_dim, args).to(device).train()
-        opt, sched = dt.make_optimizer(model, args)
-        gen = torch.Generator(device=device).manual_seed(0)
-        n = 3 if quick else 10
+        model = dt.DecisionTransformer(*common.env_dims("halfcheetah"), args).to(device).eval()
+        obs_dim = model.embed_state.in_features
+        policy = dt.DTPolicy(model, args, torch.zeros(obs_dim), torch.ones(obs_dim), target=6000.0)
 
-        def updates():
-            for _ in range(n):
-                dt.train_step(model, model, opt, sched, data.sample(64, 20, gen), args)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+        def run(n_envs, seed):
+            return common.evaluate(policy, "halfcheetah", n_episodes=n_envs, seed=seed,
+                                   max_steps=steps, progress=False)
 
-        sec = median_time(updates, repeats=1 if quick else 3, warmup=1)
-        prec = "bf16 autocast" if bf16 else "fp32"
-        rows.append(dict(row="dt_train", metric=f"updates/s ({prec})", value=n / sec, unit="updates/s",
-                         setting=f"batch 64, K=20, d=128, 3 layers, {device}, {torch.get_num_threads()} threads",
-                         notes=f"{sum(p.numel() for p in model.parameters())} parameters"))
-    mem, unit = _peak_memory(device)
-    rows.append(dict(row="dt_train", metric="peak memory", value=mem, unit=unit,
-                     setting="after both runs, includes the 1M-transition dataset" if not quick else "quick"))
+        vec = median_time(lambda: run(n, 0), repeats=1 if quick else 2, warmup=1)
+        seq = median_time(lambda: [run(1, i) for i in range(n)], repeats=1 if quick else 2,
+                          warmup=0)
+        prec = "bf16" if bf16 else "fp32"
+        setting = f"{n} episodes x {steps} steps, K=20 d=128 3 layers, {prec}, {device}"
+        rows += [dict(row="dt_eval", metric=f"vectorized ({prec})", value=n * steps / vec,
+                      unit="env steps/s", setting=setting),
+                 dict(row="dt_eval", metric=f"one at a time ({prec})", value=n * steps / seq,
+                      unit="env steps/s", setting=setting),
+                 dict(row="dt_eval", metric=f"speed-up ({prec})", value=seq / vec, unit="x",
+                      setting=setting)]
     return rows
 
 
