@@ -1,13 +1,13 @@
 """Algorithm Distillation (AD): Laskin et al. 2022, arXiv 2210.14215, on Dark Room.
 
-A source RL algorithm learns each training task from scratch; its learning histories, one sequence
-across episodes each, are distilled into a causal transformer that predicts actions (Sec. 4,
-Algorithm 1). On held-out tasks it keeps its context across episodes and improves without weight
-updates (Sec. 5, Fig. 4); ED, the same model trained on the histories' last episodes, does not.
-Envs (Sec. 5): Dark Room (9x9, 5 actions, 20 steps from the centre, reward on every step at the
-goal), Dark Room Hard (17x17, reward once), Dark Key-to-Door (9x9, 50 steps, +1 key, +1 door).
-Defaults, the appendix table: 4 layers, 4 heads, d 64, FF 2048, post-norm, dropout 0.1, attention
-dropout 0.5, batch 128, Adam (no weight decay), lr 3e-4 warmed from 2e-6, cosine, clip 1.
+A source RL algorithm learns each training task from scratch; its learning histories (one
+sequence across episodes each) train a causal transformer to predict actions (Sec. 4, Algorithm 1).
+On held-out tasks it keeps its context across episodes and improves without weight updates (Sec. 5,
+Fig. 4); ED, the same model trained on the histories' last episodes, does not. Envs (Sec. 5): Dark
+Room (9x9, 5 actions, 20 steps from the centre, reward on every step at the goal), Dark Room Hard
+(17x17, reward once), Dark Key-to-Door (9x9, 50 steps, +1 key, +1 door). Defaults, the appendix
+table: 4 layers, 4 heads, d 64, FF 2048, post-norm, dropout 0.1, attention dropout 0.5, batch 128,
+Adam (no weight decay), lr 3e-4 warmed from 2e-6, cosine, clip 1.
 Deviations (named):
 - source: tabular Q-learning (all histories at once, backward episode replay, epsilon 1 -> 0.05
   over the first 20% of episodes) instead of A3C, for a CPU budget; it also sees the stage.
@@ -23,7 +23,6 @@ CPU run (README: time and results):
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -118,8 +117,7 @@ class BatchDarkRoom:
         self.size, self.max_steps = ENV_CONFIG[variant]["size"], ENV_CONFIG[variant]["max_steps"]
         need = 4 if variant == "key-to-door" else 2
         if self.tasks.shape[1] != need or self.tasks.min() < 0 or self.tasks.max() >= self.size:
-            raise ValueError(f"{variant}: tasks must be (N, {need}) cells of a {self.size}x"
-                             f"{self.size} grid, got shape {self.tasks.shape}")
+            raise ValueError(f"{variant}: tasks must be (N, {need}) cells of a grid of {self.size}")
         self.n, self.n_stages = len(self.tasks), {"darkroom": 1, "darkroom-hard": 2}.get(variant, 3)
         self.reset()
 
@@ -183,8 +181,7 @@ def task_split(args: Args) -> tuple[np.ndarray, np.ndarray]:
     """Seeded random split of all tasks into disjoint training and held-out sets."""
     tasks, (n_train, n_test) = all_tasks(args.env), args.split
     if n_train + n_test > len(tasks):
-        raise ValueError(f"{args.env} has {len(tasks)} tasks: --split {n_train} {n_test} asks "
-                         f"for more")
+        raise ValueError(f"{args.env} has {len(tasks)} tasks: --split {n_train} {n_test} asks more")
     perm = np.random.default_rng(args.seed).permutation(len(tasks))
     return tasks[perm[:n_train]], tasks[perm[n_train:n_train + n_test]]
 
@@ -240,7 +237,7 @@ def validate_histories(h: dict, args: Args, test_tasks, source: str) -> dict:
         raise HistoryError(f"{source}: missing {missing}; a histories file holds observations "
                            "(H, E, T, 2), actions and rewards (H, E, T) and tasks (H, 2|4)")
     obs, act, rew, tasks = (np.asarray(h[k]) for k in keys)
-    if obs.ndim != 4 or obs.shape[-1] != 2 or act.shape != obs.shape[:3] != rew.shape:
+    if obs.ndim != 4 or obs.shape[-1] != 2 or not act.shape == rew.shape == obs.shape[:3]:
         raise HistoryError(f"{source}: expected observations (H, E, T, 2), actions and rewards "
                            f"(H, E, T); got {obs.shape}, {act.shape}, {rew.shape}")
     if not np.isfinite(rew).all():
@@ -262,9 +259,10 @@ def validate_histories(h: dict, args: Args, test_tasks, source: str) -> dict:
         raise HistoryError(f"{source}: episodes of {T} steps, tasks of {tasks.shape[1]} numbers: "
                            f"not --env {args.env}; pass the env the histories come from")
     env, flat = BatchDarkRoom(args.env, np.repeat(tasks, E, 0)), act.reshape(H * E, T)
-    seen = [env.reset()] + [env.step(flat[:, t].astype(np.int64))[:2] for t in range(T)]
-    if not ((np.stack([seen[0]] + [o for o, _ in seen[1:-1]], 1) == obs.reshape(H * E, T, 2)).all()
-            and (np.stack([r for _, r in seen[1:]], 1) == rew.reshape(H * E, T)).all()):
+    s0, steps = env.reset(), [env.step(a) for a in flat.T.astype(np.int64)]  # (s_t+1, r_t, done)
+    replay_obs = np.stack([s0] + [s for s, _, _ in steps[:-1]], 1)             # (H*E, T, 2)
+    replay_rew = np.stack([r for _, r, _ in steps], 1)                         # (H*E, T)
+    if (replay_obs != obs.reshape(H * E, T, 2)).any() or (replay_rew != rew.reshape(-1, T)).any():
         raise HistoryError(f"{source}: observations or rewards do not follow --env {args.env}'s "
                            "dynamics and reward rule: histories of another env? pass its --env")
     return dict(observations=obs.astype(np.int64), actions=act.astype(np.int64),
@@ -277,26 +275,26 @@ def load_histories(args: Args, train_tasks, test_tasks) -> dict:
     if args.dataset_path or path.exists():
         with np.load(path) as f:
             return validate_histories({k: f[k] for k in f.files}, args, test_tasks, str(path))
-    t0, tasks = time.time(), np.repeat(train_tasks, args.histories_per_task, 0)  # (H, 2|4)
+    tasks = np.repeat(train_tasks, args.histories_per_task, 0)  # (H, 2|4)
     h = q_learning(BatchDarkRoom(args.env, tasks), args.source_episodes,
                    np.random.default_rng(args.seed + 1), args.q_eps_decay, progress=True)
     h = {k: v[:, ::args.subsample].copy() for k, v in h.items()}  # every k-th episode (Sec. 4)
     h["tasks"] = tasks
     common.save_npz(path, h)
     ret = h["rewards"].sum(-1).mean(0)
-    print(f"[ad] {len(tasks)} Q-learning histories in {time.time() - t0:.0f} s, return of the "
-          f"first / last kept episode {ret[0]:.2f} / {ret[-1]:.2f} -> {path}")
+    print(f"[ad] {len(tasks)} Q-learning histories, return of the first / last kept episode "
+          f"{ret[0]:.2f} / {ret[-1]:.2f} -> {path}")
     return validate_histories(h, args, test_tasks, str(path))
 
 class WindowSampler:
-    """Random windows of `ctx` whole consecutive episodes of one history, starting at episode
-    first_episode or later. Each history is one flat sequence (Sec. 4): token t is (s_t, a_{t-1},
+    """Random windows of `ctx` whole consecutive episodes of one history (of its `last` episodes
+    only, when given). Each history is one flat sequence (Sec. 4): token t is (s_t, a_{t-1},
     r_{t-1}), so an episode's first token carries the last action and reward of the episode
     before it; only a history's very first token gets the 'none' action N_ACTIONS and reward 0."""
-    def __init__(self, h: dict, ctx: int, device, first_episode: int = 0):
+    def __init__(self, h: dict, ctx: int, device, last: Optional[int] = None):
         H, E, T = np.shape(h["actions"])
         self.T, self.ctx, self.device = T, ctx, device
-        self.lo, self.hi = max(0, min(first_episode, E - ctx)), E - ctx  # window starts lo..hi
+        self.lo, self.hi = max(0, min(E - (last or E), E - ctx)), E - ctx  # window starts lo..hi
         self.act = act = torch.as_tensor(h["actions"], dtype=torch.long).reshape(H, E * T)
         rew = torch.as_tensor(h["rewards"], dtype=torch.float32).reshape(H, E * T)
         self.obs = torch.as_tensor(h["observations"], dtype=torch.long).reshape(H, E * T, 2)
@@ -516,16 +514,14 @@ def check_args(args: Args) -> None:
     if args.env not in ENV_CONFIG:
         raise ValueError(f"unknown --env {args.env!r}: use one of {', '.join(ENV_CONFIG)}")
     if len(args.split) != 2 or min(args.split + (args.context_episodes, args.subsample)) < 1:
-        raise ValueError("--split takes two positive numbers (training, held-out tasks); "
-                         "--context-episodes and --subsample must be >= 1")
+        raise ValueError("--split takes two numbers >= 1; --context-episodes, --subsample >= 1")
     if not 0 < args.q_eps_decay <= 1:
         raise ValueError(f"--q-eps-decay {args.q_eps_decay}: a fraction of the episodes, (0, 1]")
     if args.eval_only and not args.checkpoint:
         raise ValueError("--eval-only needs --checkpoint PATH (a checkpoint.pt of ad.py)")
 
 def make_optimizer(model: nn.Module, args: Args):
-    """Adam without weight decay; lr from 2e-6 up to --lr over the first 5% of the updates, then
-    cosine back to 2e-6 (the table: cosine decay, warm-up from 2e-6)."""
+    """Adam, no weight decay; lr 2e-6 -> --lr over the first 5% of updates, cosine to 2e-6."""
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     warm, lo, total = max(1, int(WARMUP * args.total_steps)), LR_MIN / args.lr, args.total_steps
 
@@ -541,19 +537,19 @@ def main(argv=None) -> dict:
     common.set_seed(args.seed)
     device = common.get_device(args.cuda)
     if args.eval_only:
-        ckpt, path = common.load_checkpoint(args.checkpoint, "ad"), args.checkpoint
-        saved = {k: v for k, v in ckpt["args"].items() if k in Args.__dataclass_fields__}
-        args = Args(**{**saved, "eval_episodes": args.eval_episodes})  # all else as trained
+        path = args.checkpoint  # everything as trained, but --eval-episodes
+        args, ckpt = checkpoint_args(path, eval_episodes=args.eval_episodes)
         models = {k: load_policy(path, device, k).model for k in ("AD", "ED")}
         train_tasks, test_tasks = np.array(ckpt["train_tasks"]), np.array(ckpt["test_tasks"])
         curves = evaluate(args, models, train_tasks, test_tasks)
         print("[ad] " + report(Path(path).parent, curves, args))
         return curves
+    if args.resume:  # continue the run exactly: all its flags come from the checkpoint
+        args = checkpoint_args(args.resume, resume=args.resume)[0]
     train_tasks, test_tasks = task_split(args)
     hist = load_histories(args, train_tasks, test_tasks)
-    E = hist["actions"].shape[1]
     data = {"AD": WindowSampler(hist, args.context_episodes, device),  # the whole histories
-            "ED": WindowSampler(hist, args.context_episodes, device, E - args.expert_episodes)}
+            "ED": WindowSampler(hist, args.context_episodes, device, last=args.expert_episodes)}
     models = {k: make_model(args).to(device) for k in data}
     optim = {k: make_optimizer(m, args) for k, m in models.items()}
     gen = torch.Generator().manual_seed(args.seed)
@@ -585,11 +581,16 @@ def main(argv=None) -> dict:
     print("[ad] " + report(folder, curves, args))
     return dict(curves, run_dir=str(folder))
 
+def checkpoint_args(path, **override) -> tuple[Args, dict]:
+    """A checkpoint of ad.py (weights_only) and the Args it was trained with, `override` applied."""
+    ckpt = common.load_checkpoint(path, "ad")
+    saved = {k: v for k, v in ckpt["args"].items() if k in Args.__dataclass_fields__}
+    return Args(**{**saved, **override}), ckpt
+
 def load_policy(path, device="cpu", which: str = "AD", seed: int = 0) -> InContextPolicy:
     """A batched in-context policy (AD or ED) from a checkpoint of ad.py; it keeps its context
     across episodes: reset(n), then act = policy(obs (n, 2)) and policy.observe(rewards, dones)."""
-    ckpt = common.load_checkpoint(path, "ad")
-    args = Args(**{k: v for k, v in ckpt["args"].items() if k in Args.__dataclass_fields__})
+    args, ckpt = checkpoint_args(path)
     model = make_model(args).to(device)
     model.load_state_dict(ckpt[f"{which}_model"])
     return InContextPolicy(model.eval(), args.context_episodes, seed=seed)

@@ -154,7 +154,7 @@ def test_window_tokens_and_loss_mask_hand_built():
         assert obs[b, :, 0].tolist() == x and obs[b, :, 1].tolist() == [0, 1, 0, 1]
         assert pa[b].tolist() == a and pr[b].tolist() == r and act[b].tolist() == y
         assert mask[b].tolist() == [bool(v) for v in m]
-    ed = ad.WindowSampler(_tiny_history(), 2, torch.device("cpu"), first_episode=1)
+    ed = ad.WindowSampler(_tiny_history(), 2, torch.device("cpu"), last=2)  # ED: last 2 episodes
     assert (ed.sample(16, torch.Generator().manual_seed(0))[0][:, 0, 0] == 1).all()
 
 
@@ -347,8 +347,8 @@ def test_run_ctrl_c_resume_eval_only_and_held_out_evaluation(tmp_path, monkeypat
 def test_bad_arguments_are_explained(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for argv, match in [(["--env", "hopper"], "unknown --env"),
-                        (["--split", "80", "16"], "asks for more"),
-                        (["--split", "65"], "two positive numbers"),
+                        (["--split", "80", "16"], "asks more"),
+                        (["--split", "65"], "two numbers"),
                         (["--context-episodes", "0"], "context-episodes"),
                         (["--eval-only"], "--eval-only needs --checkpoint"),
                         (["--q-eps-decay", "-1"], "q-eps-decay")]:
