@@ -348,11 +348,12 @@ class Agent(nn.Module):
             best = q.argmax(1)  # (B,)
             adv = qadv(q)[torch.arange(B), best]  # A(s, a_best) >= 0, (B,)
             # Sec. 4.3 diffusion entropy: 10 uniform actions per state, weight alpha * A
-            uni = torch.rand((ENTROPY_SAMPLES * B, acts.shape[-1]), generator=gen,
-                             device=s.device) * 2 - 1  # (10 B, A), rows [copy][state]
-            actions = torch.cat([acts[torch.arange(B), best], uni])  # (11 B, A)
-            states = torch.cat([s, s.repeat(ENTROPY_SAMPLES, 1)])  # (11 B, S)
-            weights = torch.cat([adv, (alpha * adv).repeat(ENTROPY_SAMPLES)])  # (11 B,)
+            E = ENTROPY_SAMPLES if alpha > 0 else 0  # the official code skips it at alpha 0
+            uni = torch.rand((E * B, acts.shape[-1]), generator=gen,
+                             device=s.device) * 2 - 1  # (E B, A), rows [copy][state]
+            actions = torch.cat([acts[torch.arange(B), best], uni])  # (B + E B, A)
+            states = torch.cat([s, s.repeat(E, 1)])  # (B + E B, S)
+            weights = torch.cat([adv, (alpha * adv).repeat(E)])  # (B + E B,)
         with self.autocast():
             actor_loss = self.actor.loss(actions, states, weights, gen)
         optimizer_step(self.actor_opt, actor_loss, self.actor)

@@ -226,13 +226,14 @@ def ref_update(nets, opts, data, alpha, gen, B=8, N=6):
         q = ref_qmin(critic, s.repeat_interleave(N, 0), cand.reshape(B * N, -1)).view(B, N)
         best = q.argmax(1)
         w = (q.max(1).values - q.mean(1)).clamp(min=0)  # qadv of the kept sample
-        uni = torch.rand((10 * B, cand.shape[-1]), generator=gen) * 2 - 1
+        E = 10 if alpha > 0 else 0  # official: no entropy rows when alpha is 0
+        uni = torch.rand((E * B, cand.shape[-1]), generator=gen) * 2 - 1
         acts = torch.cat([cand[torch.arange(B), best], uni])
-        states = torch.cat([s] + [s] * 10)
-        weights = torch.cat([w] + [alpha * w] * 10)
+        states = torch.cat([s] + [s] * E)
+        weights = torch.cat([w] + [alpha * w] * E)
     betas = torch.tensor(np_cosine_betas(actor.T)).float()
     abar = torch.cumprod(1 - betas, 0)
-    t = torch.randint(0, actor.T, (11 * B,), generator=gen)
+    t = torch.randint(0, actor.T, (len(acts),), generator=gen)
     eps = torch.randn(acts.shape, generator=gen)
     x_t = abar[t, None].sqrt() * acts + (1 - abar[t, None]).sqrt() * eps
     aloss = (weights[:, None] * (actor.eps(x_t, t, states) - eps) ** 2).mean()
@@ -247,8 +248,8 @@ def ref_update(nets, opts, data, alpha, gen, B=8, N=6):
     return closs.item(), aloss.item()
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
-def test_update_matches_independent_reference(optimizer):
+@pytest.mark.parametrize("optimizer, alpha", [("sgd", 0.3), ("adam", 0.3), ("sgd", 0.0)])
+def test_update_matches_independent_reference(optimizer, alpha):
     torch.manual_seed(0)
     args = common.parse_args(qvpo.Args, TINY)
     agent = qvpo.Agent(3, 2, args)
@@ -264,18 +265,21 @@ def test_update_matches_independent_reference(optimizer):
     buf = qvpo.ReplayBuffer(3, 2, "cpu", capacity=32)
     for row in zip(*data, term, trunc):
         buf.add(*row)
-    nets = copy.deepcopy([agent.actor, agent.critic, agent.actor_target, agent.critic_target])
     if optimizer == "sgd":  # gradients show through SGD in full (Adam's first step ~ lr sign(g))
+        with torch.no_grad():  # a wide Q spread: large advantages, both clips (norm 2) active
+            for q in (agent.critic.q1, agent.critic.q2):
+                q[-1].weight *= 10_000
         agent.actor_opt = torch.optim.SGD(agent.actor.parameters(), lr=0.1)
         agent.critic_opt = torch.optim.SGD(agent.critic.parameters(), lr=0.1)
-        opts = [torch.optim.SGD(nets[k].parameters(), lr=0.1) for k in (0, 1)]
-    else:
+    nets = copy.deepcopy([agent.actor, agent.critic, agent.actor_target, agent.critic_target])
+    opts = [torch.optim.SGD(nets[k].parameters(), lr=0.1) for k in (0, 1)]
+    if optimizer == "adam":  # the official settings, written here as literals
         opts = [torch.optim.Adam(nets[k].parameters(), lr=lr, eps=1e-5)
                 for k, lr in ((0, 1e-4), (1, 3e-4))]
     ga, gr = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
     for _ in range(2):
-        out = agent.update(buf, 0.3, ga)
-        closs, aloss = ref_update(nets, opts, data + [term], 0.3, gr)
+        out = agent.update(buf, alpha, ga)
+        closs, aloss = ref_update(nets, opts, data + [term], alpha, gr)
         assert out["losses/critic_loss"].item() == pytest.approx(closs, rel=1e-4)
         assert out["losses/actor_loss"].item() == pytest.approx(aloss, rel=1e-4)
     for name, mine, ref in zip(("actor", "critic", "actor_target", "critic_target"),
