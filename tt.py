@@ -413,6 +413,8 @@ class CachedStream(Stream):
         super().__init__(model, x, block)
         self.k = self.v = None               # per layer (R, h, block, C / h)
         self.start, self.len, self.pending = -1, 0, None
+        self.bias = torch.zeros(block, block, device=x.device).masked_fill(
+            ~model.mask[:block, :block], -math.inf)                          # additive mask
 
     def select(self, idx: torch.Tensor):
         super().select(idx)
@@ -425,34 +427,36 @@ class CachedStream(Stream):
             out = self.refill(s)
         else:
             if self.pending is not None:
-                self.gather(self.pending)
+                self.gather(self.pending, self.len)
             out = self.forward(self.x[:, s + self.len:], self.len)
         self.start, self.len, self.pending = s, L - s, None
         return out
 
-    def gather(self, idx: torch.Tensor):
-        self.k = [k[idx] for k in self.k]
-        self.v = [v[idx] for v in self.v]
+    def gather(self, idx: torch.Tensor, n: int):
+        """Cache row r <- row idx[r], positions < n (index_select: ~5x faster than k[idx])."""
+        for kv in (self.k, self.v):
+            for i, old in enumerate(kv):
+                kv[i] = old.new_empty((len(idx), *old.shape[1:]))
+                torch.index_select(old[:, :, :n], 0, idx, out=kv[i][:, :, :n])
 
     def forward(self, idx: torch.Tensor, pos0: int) -> torch.Tensor:
         """idx (R, T) at window positions pos0.. -> logits (R, N+1) at the last of them; their
         keys / values go into the cache, attention reads it up to them."""
-        m, T = self.model, idx.shape[1]
+        m, n = self.model, pos0 + idx.shape[1]
         x = m.embed(idx, pos0)                                                # (R, T, C)
-        mask = m.mask[pos0:pos0 + T, :pos0 + T]
+        bias = self.bias[pos0:n, :n]                                          # (T, n)
         for i, blk in enumerate(m.blocks):
             q, k, v = blk.heads(x)                                            # (R, h, T, C / h)
-            if self.k[i] is None:                                           # new cache
+            if self.k[i] is None:                                             # new cache
                 shape = (*k.shape[:2], self.block, k.shape[3])
                 self.k[i], self.v[i] = k.new_empty(shape), v.new_empty(shape)
-            self.k[i][:, :, pos0:pos0 + T] = k
-            self.v[i][:, :, pos0:pos0 + T] = v
+            self.k[i][:, :, pos0:n] = k
+            self.v[i][:, :, pos0:n] = v
             if i == len(m.blocks) - 1:       # last layer: only the last position's output
-                x, q, mask = x[:, -1:], q[:, :, -1:], mask[-1:]
-            y = F.scaled_dot_product_attention(q, self.k[i][:, :, :pos0 + T],
-                                               self.v[i][:, :, :pos0 + T], attn_mask=mask)
-            x = blk.finish(x, y)
-        return m.logits(x, pos0 + T - 1)[:, 0]
+                x, q, bias = x[:, -1:], q[:, :, -1:], bias[-1:]
+            att = (q @ self.k[i][:, :, :n].transpose(2, 3)) * q.shape[-1] ** -0.5 + bias
+            x = blk.finish(x, att.softmax(-1) @ self.v[i][:, :, :n])        # (R, h, T, C / h)
+        return m.logits(x, n - 1)[:, 0]
 
     def refill(self, s: int) -> torch.Tensor:
         """A new cache for the window x[:, s:], one transition-sized chunk at a time, each
@@ -466,10 +470,10 @@ class CachedStream(Stream):
             first = torch.zeros(len(uniq), dtype=torch.long, device=w.device).scatter_(
                 0, row_of, torch.arange(R, device=w.device))   # one original row per prefix
             if parent is not None:
-                self.gather(parent[first])
+                self.gather(parent[first], c0)
             out = self.forward(uniq[:, c0:c0 + D], c0)
             parent = row_of
-        self.gather(parent)
+        self.gather(parent, w.shape[1])
         return out[parent]
 
 
