@@ -59,16 +59,13 @@ class Args:
     n_embd: int = 128
     """width (official: 32 per head, 4 heads)"""
     total_steps: Optional[int] = None
-    """updates (default official: int(1e6 / windows * 50) epochs; 80 for hopper / walker2d
-    medium-replay)"""
+    """updates (default official: int(1e6 / windows * 50 or 80 (medium-replay)) epochs)"""
     schedule_epochs: tuple[float, float] = (1.0, 20.0)
     """linear warmup until, then cosine to 10% until, this many epochs of target tokens"""
     batch_size: int = 256
     """windows per update"""
     lr: float = 6e-4
     """AdamW learning rate"""
-    log_every: int = 100
-    """log the loss every this many updates"""
     horizon: Optional[int] = None
     """planning horizon H (default 15, or the official per-dataset setting)"""
     beam_width: Optional[int] = None
@@ -92,12 +89,11 @@ class Args:
     checkpoint: Optional[str] = None
     """checkpoint.pt to evaluate with --eval-only"""
 
-
 # Official constants (config/offline.py, scripts/train.py, utils/training.py).
 N_BINS, N_HEAD, SEQ_LEN, DROPOUT = 100, 4, 10, 0.1   # N, heads, transitions per window, all pdrop
 DISCOUNT, PENALTY, MAX_PATH_LENGTH = 0.99, -100.0, 1000  # gamma; r at a true terminal; T_max
 LOSS_WEIGHTS = (1.0, 5.0, 1.0, 1.0)                    # obs, action, reward, value (Sec. 3.2)
-BETAS, WEIGHT_DECAY, GRAD_CLIP = (0.9, 0.95), 0.1, 1.0
+BETAS, WEIGHT_DECAY, GRAD_CLIP, LOG_EVERY = (0.9, 0.95), 0.1, 1.0, 100
 ARCH = ("discretizer", "n_layer", "n_embd")            # what a checkpoint fixes
 PLAN_FLAGS = ("horizon", "beam_width", "plan_freq", "kv_cache", "bf16", "seed")
 PLAN = dict(horizon=15, beam_width=128, n_expand=2, k_act=None, cdf_act=0.6, context=5)
@@ -110,7 +106,6 @@ PLAN_OVERRIDES = {  # config/offline.py at the official head
 }
 EPOCHS_REF = {("hopper", "medium-replay"): 80, ("walker2d", "medium-replay"): 80}  # else 50
 
-
 def plan_config(args: Args) -> dict:
     cfg = {**PLAN, **PLAN_OVERRIDES.get((args.env, args.dataset), {})}
     cfg.update({k: getattr(args, k) for k in ("horizon", "beam_width") if getattr(args, k)})
@@ -119,14 +114,12 @@ def plan_config(args: Args) -> dict:
     return cfg
 
 
-# ======================================================================================
-# Data (Sec. 3.1): per-dimension discretization, value targets, training windows
-# ======================================================================================
+# ---- Data (Sec. 3.1): per-dimension discretization, value targets, training windows --------------
 class Discretizer:
     """N bins per dimension; edges th (N+1, D): token i of dimension d is [th[i, d], th[i+1, d])."""
 
-    def __init__(self, th):
-        self.th = torch.as_tensor(th, dtype=torch.float64)   # float64, as the official numpy edges
+    def __init__(self, th, device="cpu"):  # float64, as the official numpy edges
+        self.th = torch.as_tensor(th, dtype=torch.float64, device=device)
         self.N = self.th.shape[0] - 1
 
     @classmethod
@@ -142,10 +135,6 @@ class Discretizer:
         else:
             raise ValueError(f"unknown --discretizer {kind!r}: use quantile or uniform")
         return cls(th)
-
-    def to(self, device) -> "Discretizer":
-        self.th = self.th.to(device)
-        return self
 
     def discretize(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
         """x (..., k) of dimensions start..start+k-1 -> the largest i with x >= th[i], in 0..N-1."""
@@ -167,7 +156,6 @@ class Discretizer:
         mids = (self.th[:-1, dim] + self.th[1:, dim]) / 2                     # (N,)
         return (probs[:, :self.N].double() @ mids).float()
 
-
 def build_transitions(data: dict) -> tuple[np.ndarray, np.ndarray]:
     """Per episode rows [s, a, r, V] (Sec. 3.1): r_t = PENALTY at a true terminal, and
     V_t = sum_k gamma^k r_{t+1+k} (excludes r_t). Returns ((M, D) float64, episode lengths)."""
@@ -181,33 +169,29 @@ def build_transitions(data: dict) -> tuple[np.ndarray, np.ndarray]:
         lengths.append(len(r))
     return np.concatenate(rows), np.array(lengths)
 
-
 class WindowSampler:
-    """Windows of SEQ_LEN transitions as token rows (official SequenceDataset): a window starts at
-    steps 0..L-2 of an episode, stop tokens follow the episode, window positions at step >=
-    MAX_PATH_LENGTH get no loss. Each epoch visits every window once in an order seeded by
-    (seed, epoch), in batches (the last one smaller): a shuffled DataLoader that resumes exactly."""
+    """Windows of SEQ_LEN transitions (official SequenceDataset): starts at steps 0..L-2, stop
+    tokens after the episode, no loss at steps >= MAX_PATH_LENGTH. An epoch visits each window
+    once, in an order seeded by (seed, epoch): a shuffled DataLoader that resumes exactly."""
 
     def __init__(self, tokens: torch.Tensor, lengths, stop: int, seed: int, device):
         D = tokens.shape[1]
         pad = torch.full((SEQ_LEN - 1, D), stop, dtype=torch.int16)
-        parts, starts, step0, off = [], [], [], 0
+        parts, starts, step0, n_real, off = [], [], [], [], 0
         for L, ep in zip(lengths, torch.split(tokens.to(torch.int16), lengths.tolist())):
             parts += [ep, pad]
             starts.append(off + np.arange(L - 1))
             step0.append(np.arange(L - 1))
+            n_real.append(np.minimum(L - step0[-1], SEQ_LEN))                 # rows before stops
             off += L + SEQ_LEN - 1
         self.tokens = torch.cat(parts).to(device)                             # (rows, D)
         self.starts = torch.as_tensor(np.concatenate(starts), device=device)  # (windows,)
         self.step0 = torch.as_tensor(np.concatenate(step0), device=device)    # step of row 0
-        real = np.minimum(np.repeat(lengths, np.maximum(lengths - 1, 0)) - np.concatenate(step0),
-                          SEQ_LEN)                                            # real rows
-        self.n_targets = real * D - 1            # non-stop targets of each window (for the lr)
+        self.n_targets = np.concatenate(n_real) * D - 1   # non-stop targets (the lr counts them)
         self.seed, self.D, self.epoch, self.perm = seed, D, -1, None
 
     def __len__(self) -> int:
         return len(self.starts)
-
     def batch(self, step: int, batch_size: int):
         """Update `step` (1-based) -> inputs, targets (B, T), loss mask (B, T), non-stop targets."""
         epoch, b = divmod(step - 1, -(-len(self) // batch_size))
@@ -224,9 +208,7 @@ class WindowSampler:
         return seq[:, :-1], seq[:, 1:], mask[:, :-1].float(), n_targets
 
 
-# ======================================================================================
-# Model (Sec. 3.2): a GPT over per-dimension tokens, value columns hidden from attention
-# ======================================================================================
+# ---- Model (Sec. 3.2): a GPT over per-dimension tokens, value columns hidden from attention ------
 class Block(nn.Module):
     def __init__(self, d: int, p: float):
         super().__init__()
@@ -239,7 +221,6 @@ class Block(nn.Module):
     def heads(self, x: torch.Tensor):
         B, T, C = x.shape                                   # -> q, k, v each (B, h, T, C / h)
         return self.qkv(self.ln1(x)).view(B, T, 3, N_HEAD, C // N_HEAD).permute(2, 0, 3, 1, 4)
-
     def finish(self, x, y):
         """Residual of the attention output y (B, h, T, C / h), then the MLP."""
         x = x + self.drop(self.proj(y.transpose(1, 2).flatten(2)))
@@ -250,7 +231,6 @@ class Block(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.p if self.training else 0.0)
         return self.finish(x, y)
-
 
 class GPT(nn.Module):
     """Tokens 0..N-1 per dimension (N = stop) of windows that start at s^0: position p holds
@@ -283,7 +263,6 @@ class GPT(nn.Module):
         dim = torch.arange(pos0, pos0 + idx.shape[1], device=idx.device) % self.D
         tok = torch.where(idx == self.N, self.N * self.D, idx + dim * self.N)
         return self.tok_emb(tok) + self.pos_emb[pos0:pos0 + idx.shape[1]]     # (B, T, C)
-
     def logits(self, x: torch.Tensor, pos0: int = 0) -> torch.Tensor:
         dim = torch.arange(pos0, pos0 + x.shape[1], device=x.device) % self.D
         return torch.einsum("btc,tcv->btv", self.ln_f(x), self.head[dim])     # (B, T, N+1)
@@ -313,9 +292,7 @@ class GPT(nn.Module):
         return [dict(params=decay, weight_decay=weight_decay), dict(params=rest, weight_decay=0.0)]
 
 
-# ======================================================================================
-# Planner (Sec. 3.3, Alg. 1): beam search over a batch of environments
-# ======================================================================================
+# ---- Planner (Sec. 3.3, Alg. 1): beam search over a batch of environments ------------------------
 class Stream:
     """Rows (R, L) of token sequences being extended. logits() is the official cropped forward:
     drop whole transitions from the front until at most `block` tokens remain (so the window
@@ -332,15 +309,12 @@ class Stream:
 
     def append(self, tok: torch.Tensor):
         self.x = torch.cat([self.x, tok[:, None]], 1)
-
     def select(self, idx: torch.Tensor):
         self.x = self.x[idx]
-
 
 def top_k_logits(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k largest logits (ties included), the rest -inf (official)."""
     return logits.masked_fill(logits < logits.topk(k, -1).values[:, -1:], -math.inf)
-
 
 def filter_cdf(logits: torch.Tensor, threshold: float) -> torch.Tensor:
     """Drop the least likely tokens whose total mass stays below `threshold` (official)."""
@@ -349,7 +323,6 @@ def filter_cdf(logits: torch.Tensor, threshold: float) -> torch.Tensor:
     ranks = torch.arange(probs.shape[-1], device=probs.device)
     last_below = ((ascending.cumsum(-1) < threshold) * ranks).argmax(-1)
     return logits.masked_fill(probs <= ascending.gather(-1, last_below[:, None]), -1000.0)
-
 
 def sample_n(stream: Stream, n: int, gen, topk=None, cdf=None) -> torch.Tensor:
     """Extend every row by n sampled tokens (official sample_n); returns the raw probabilities
@@ -364,7 +337,6 @@ def sample_n(stream: Stream, n: int, gen, topk=None, cdf=None) -> torch.Tensor:
             logits = top_k_logits(logits, topk)
         stream.append(torch.multinomial(logits.softmax(-1), 1, generator=gen)[:, 0])
     return torch.stack(probs, 1)
-
 
 @torch.no_grad()
 def beam_plan(model: GPT, disc: Discretizer, prefix: torch.Tensor, horizon=15, beam_width=128,
@@ -401,9 +373,7 @@ def beam_plan(model: GPT, disc: Discretizer, prefix: torch.Tensor, horizon=15, b
     return plans[torch.arange(E, device=dev), best], values.max(1).values
 
 
-# ======================================================================================
-# Speed: a key-value cache for the planner. Fenced add-on: same tokens and plans as Stream.
-# ======================================================================================
+# ---- Speed: a key-value cache for the planner. Fenced add-on: same tokens and plans as Stream. ---
 class CachedStream(Stream):
     """Stream whose tokens' keys / values are computed once and kept until the window slides
     (a slide moves every position: the cache is refilled); beam selection re-indexes the
@@ -423,12 +393,10 @@ class CachedStream(Stream):
     def logits(self) -> torch.Tensor:
         L = self.x.shape[1]
         s = self.window_start(L)
-        if s != self.start:                  # the window slid: every position changed
-            out = self.refill(s)
-        else:
-            if self.pending is not None:
-                self.gather(self.pending, self.len)
-            out = self.forward(self.x[:, s + self.len:], self.len)
+        if s == self.start and self.pending is not None:   # selections since the last forward
+            self.gather(self.pending, self.len)
+        slid = s != self.start                # a slide moves every position: refill the cache
+        out = self.refill(s) if slid else self.forward(self.x[:, s + self.len:], self.len)
         self.start, self.len, self.pending = s, L - s, None
         return out
 
@@ -477,9 +445,7 @@ class CachedStream(Stream):
         return out[parent]
 
 
-# ======================================================================================
-# Policy: plan, act, keep the context (official scripts/plan.py), batched over episodes
-# ======================================================================================
+# ---- Policy: plan, act, keep the context (official scripts/plan.py), batched over episodes -------
 class TTPolicy:
     """policy(obs (n, obs_dim)) -> actions (n, act_dim); reset(n); observe(rewards, dones).
     The prefix is the last `context` (5) transitions plus the current observation; the planner's
@@ -522,7 +488,6 @@ class TTPolicy:
         self.active &= ~torch.as_tensor(dones, device=self.dev)
         self.t += 1
 
-
 def load_policy(path, device="cpu", **planning) -> TTPolicy:
     """The planning agent of a tt.py checkpoint; keywords override planning flags (horizon,
     beam_width, plan_freq, kv_cache, bf16, seed)."""
@@ -531,16 +496,13 @@ def load_policy(path, device="cpu", **planning) -> TTPolicy:
     args = dataclasses.replace(args, **planning)
     model = GPT(ckpt["obs_dim"], ckpt["act_dim"], args.n_layer, args.n_embd)
     model.load_state_dict(ckpt["model"])
-    return TTPolicy(model.to(device).eval(), Discretizer(ckpt["thresholds"]).to(device), args)
+    return TTPolicy(model.to(device).eval(), Discretizer(ckpt["thresholds"], device), args)
 
 
-# ======================================================================================
-# Training
-# ======================================================================================
+# ---- Training ------------------------------------------------------------------------------------
 class TokenSchedule:
-    """Official lr decay (utils/training.py), in non-stop target tokens n, set after each update:
-    warmup lr n / warmup, then lr max(0.1, (1 + cos(pi progress)) / 2), progress unclamped (as
-    official: past `final` the cosine rises again). The first update uses the full lr."""
+    """Official lr (utils/training.py) in non-stop target tokens n, set after each update: n /
+    warmup, then max(0.1, (1 + cos(pi progress)) / 2), unclamped: past `final` it rises again."""
 
     def __init__(self, opt, lr: float, warmup: float, final: float):
         self.opt, self.lr, self.warmup, self.final, self.n = opt, lr, warmup, final, 0
@@ -557,28 +519,22 @@ class TokenSchedule:
 
     def state_dict(self) -> dict:
         return dict(n_tokens=self.n)
-
     def load_state_dict(self, state: dict):
         self.n = state["n_tokens"]
-
 
 def official_steps(args: Args, n_windows: int) -> int:
     """scripts/train.py: int(1e6 / windows * n_epochs_ref) epochs of ceil(windows / batch)."""
     epochs = int(1e6 / n_windows * EPOCHS_REF.get((args.env, args.dataset), 50))
     return epochs * -(-n_windows // args.batch_size)
 
-
 def evaluate(policy: TTPolicy, args: Args) -> dict:
     """Vectorized episodes (common.evaluate: progress bar in env steps) -> eval/* metrics."""
-    training = policy.model.training
-    policy.model.eval()
+    policy.model.eval()                   # training sets model.train() at every update
     res = common.evaluate(policy, policy.args.env, args.eval_episodes, args.seed,
                           args.eval_max_steps, dataset=policy.args.dataset)
-    policy.model.train(training)
     return {"eval/return_mean": float(res["returns"].mean()),
             "eval/normalized_score": float(res["normalized"].mean()),
             "eval/length_mean": float(res["lengths"].mean())}
-
 
 def main(argv=None) -> dict:
     args = common.parse_args(Args, argv)
@@ -618,21 +574,20 @@ def main(argv=None) -> dict:
     for step in run.loop(total):
         x, y, mask, n_targets = sampler.batch(step, args.batch_size)          # (B, T) each
         with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
-            loss = model.loss(x, y, mask)
+            loss = model.train().loss(x, y, mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
         opt.step()
         sched.step(n_targets)              # official: the lr of the next update
-        if run.every(args.log_every):
+        if run.every(LOG_EVERY):
             run.log(**{"losses/loss": loss, "charts/learning_rate": opt.param_groups[0]["lr"]})
         if args.eval_episodes and run.every(args.eval_every or total):
-            metrics = evaluate(TTPolicy(model, disc.to(device), args), args)
+            metrics = evaluate(TTPolicy(model, Discretizer(disc.th, device), args), args)
             run.log(**metrics)
             run.save()
     run.finish()
     return dict(metrics, step=run.step, checkpoint=str((run.dir / "checkpoint.pt").resolve()))
-
 
 if __name__ == "__main__":
     main()

@@ -390,7 +390,7 @@ def runs(tiny_dataset, tmp_path_factory):
     try:
         base = ["--dataset-path", str(tiny_dataset()), "--no-cuda", "--n-layer", "1",
                 "--n-embd", "32", "--batch-size", "8", "--horizon", "2", "--beam-width", "4",
-                "--eval-max-steps", "4", "--log-every", "2"]
+                "--eval-max-steps", "4"]
         full = tt.main(base + ["--total-steps", "6", "--eval-episodes", "2"])
         half = tt.main(base + ["--total-steps", "3", "--eval-episodes", "0", "--exp-name", "h"])
         resumed = tt.main(base + ["--total-steps", "6", "--eval-episodes", "0",
