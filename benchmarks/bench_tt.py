@@ -1,16 +1,20 @@
-"""Benchmarks of tt.py: decision latency of the beam-search planner with and without the key-value
-cache (same process, same random weights), batching over evaluation episodes, training speed.
+"""Benchmarks of tt.py: decision latency of the beam-search planner (key-value cache vs the plain
+path, fp32 vs bf16, episodes batched), where a decision's time goes, training speed and MFU.
 
-`plan_latency(...)` is importable by other benchmarks (e.g. TAP's) to time TT's cached planner
-at a given horizon / beam and observation / action size with random weights:
+    python benchmarks/bench.py --only tt_            # all rows (the uncached H=15 run: minutes)
+    OMP_NUM_THREADS=2 python benchmarks/bench_tt.py  # the issue's row: H=15 / beam 128, profile
+
+`plan_latency(...)` is importable by other benchmarks (e.g. TAP's) to time TT's planner with
+random weights at a given horizon / beam and observation / action size:
 
     from bench_tt import plan_latency
-    seconds = plan_latency(obs_dim=11, act_dim=3, horizon=15, beam=128, expand=2, device="cpu")
+    seconds = plan_latency(obs_dim=11, act_dim=3, horizon=15, beam=128)
 """
 import time
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import tt
 from bench import median_time
@@ -19,67 +23,109 @@ PUBLISHED_GPU_S = 0.4  # official code, ~0.4 s per decision on one RTX 2080 Ti (
 
 
 def make_planner_inputs(obs_dim, act_dim, context=5, n_envs=1, device="cpu", seed=0):
-    """The official GPT (4 layers, 4 heads, 128 wide, windows of 10 transitions) with random
-    weights, random bin edges, and a full context (`context` transitions + the current obs)."""
+    """The official GPT (4 layers, 4 heads, 128 wide, windows of 10 transitions) with its own
+    random initial weights, random bin edges, a full context (`context` transitions + obs)."""
     torch.manual_seed(seed)
     D = obs_dim + act_dim + 2
-    model = tt.GPT(obs_dim, act_dim, 100, 10 * D - 1).to(device).eval()
-    th = np.sort(np.random.default_rng(seed).normal(size=(101, D)), 0).astype(np.float32)
-    disc = tt.Discretizer(th).to(device)
+    model = tt.GPT(obs_dim, act_dim).to(device).eval()
+    th = np.sort(np.random.default_rng(seed).normal(size=(101, D)), 0)
     prefix = torch.randint(0, 100, (n_envs, context * D + obs_dim), device=device)
-    return model, disc, prefix
+    return model, tt.Discretizer(th, device), prefix
 
 
-def plan_latency(obs_dim, act_dim, horizon, beam, expand=2, device="cpu", context=5, n_envs=1,
-                 use_cache=True, bf16=False, repeats=3, warmup=1, seed=0):
-    """Median seconds of one planner call (one decision for `n_envs` episodes at once)."""
+def plan_once(obs_dim, act_dim, horizon, beam, expand=2, device="cpu", context=5, n_envs=1,
+              use_cache=True, bf16=False, seed=0):
+    """A function running one planner call (one decision for `n_envs` episodes at once)."""
     device = torch.device(device)
     model, disc, prefix = make_planner_inputs(obs_dim, act_dim, context, n_envs, device, seed)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
 
     def once():
-        tt.beam_plan(model, disc, prefix, horizon, beam, expand, context=context, use_cache=use_cache,
-                     gen=gen, amp=bf16)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        out = tt.beam_plan(model, disc, prefix, horizon, beam, expand, None, 0.6, tt.DISCOUNT,
+                           context, gen, use_cache, bf16)
         if device.type == "cuda":
             torch.cuda.synchronize()
+        return out
+    return once
+
+
+def plan_latency(obs_dim, act_dim, horizon, beam=128, expand=2, device="cpu", context=5,
+                 n_envs=1, use_cache=True, bf16=False, repeats=3, warmup=1, seed=0):
+    """Median seconds of one planner call."""
+    once = plan_once(obs_dim, act_dim, horizon, beam, expand, device, context, n_envs,
+                     use_cache, bf16, seed)
     return median_time(once, repeats=repeats, warmup=warmup)
 
 
+def matmul_peak(dtype=torch.float32) -> float:
+    """FLOP/s of a large-ish GEMM of the planner's width (the machine's practical peak now)."""
+    a, b = torch.randn(4096, 128, dtype=dtype), torch.randn(128, 512, dtype=dtype)
+    return 2 * 4096 * 128 * 512 / median_time(lambda: a @ b, repeats=20, warmup=3)
+
+
 def decision_latency(quick: bool):
-    """Cached vs uncached decision latency at the hopper planning config, plus smaller configs."""
-    obs, act = 11, 3
-    rows = []
-    configs = [(3, 8, 1)] if quick else [(15, 128, 1), (5, 32, 2)]
-    for H, B, uncached_repeats in configs:
-        setting = f"hopper dims (obs 11, act 3), H={H}, beam {B}, expand 2, context 5, 1 env, random weights"
-        c = plan_latency(obs, act, H, B, repeats=1 if quick else 3, warmup=1)
-        u = plan_latency(obs, act, H, B, use_cache=False, repeats=uncached_repeats if not quick else 1, warmup=0)
-        rows += [dict(row="tt_decision_latency", metric="cached", value=c, unit="s/decision", setting=setting,
-                      notes=f"official code on a GPU: ~{PUBLISHED_GPU_S} s (RTX 2080 Ti, H=10)"),
-                 dict(row="tt_decision_latency", metric="uncached (--no-kv-cache)", value=u, unit="s/decision",
-                      setting=setting, notes="full-window forward per token, as the official planner"),
-                 dict(row="tt_decision_latency", metric="speed-up", value=u / c, unit="x", setting=setting)]
-    # batching over evaluation episodes: one planner call for 5 envs vs 5 calls of one env
+    """Cached vs plain planner at the official hopper setting (H=15, beam 128) and at H=5 /
+    beam 32, fp32 and bf16, the arithmetic floor, and episodes batched in one call."""
+    obs, act, rows = 11, 3, []
+    configs = [(3, 8, 1)] if quick else [(15, 128, 1), (5, 32, 3)]
+    for H, B, plain_repeats in configs:
+        setting = f"hopper sizes (obs 11, act 3), H={H}, beam {B} x 2, context 5, random init"
+        once = plan_once(obs, act, H, B)
+        with FlopCounterMode(display=False) as counter:
+            plan32 = once()[0]
+        floor = counter.get_total_flops() / matmul_peak()
+        c = median_time(once, repeats=1 if quick else 3, warmup=1)
+        bf = plan_once(obs, act, H, B, bf16=True)
+        same = torch.equal(bf()[0], plan32)
+        b = median_time(bf, repeats=1 if quick else 3, warmup=0)
+        u = plan_latency(obs, act, H, B, use_cache=False, repeats=plain_repeats, warmup=0)
+        rows += [dict(row="tt_decision_latency", metric="cached fp32", value=c, unit="s/decision",
+                      setting=setting, notes=f"official code on a GPU: ~{PUBLISHED_GPU_S} s "
+                      "(RTX 2080 Ti, H=10)"),
+                 dict(row="tt_decision_latency", metric="cached bf16", value=b, unit="s/decision",
+                      setting=setting, notes=f"plan {'==' if same else '!='} fp32 plan"),
+                 dict(row="tt_decision_latency", metric="plain (--no-kv-cache)", value=u,
+                      unit="s/decision", setting=setting,
+                      notes="full-window forward per token, as the official planner"),
+                 dict(row="tt_decision_latency", metric="cache speed-up", value=u / c, unit="x",
+                      setting=setting),
+                 dict(row="tt_decision_latency", metric="fp32 matmul floor", value=floor,
+                      unit="s/decision", setting=setting,
+                      notes=f"{counter.get_total_flops() / 1e9:.0f} GFLOP at this machine's "
+                      "GEMM peak")]
     H, B, E = (3, 8, 2) if quick else (5, 32, 5)
-    setting = f"hopper dims, H={H}, beam {B}, cached, {E} episodes"
+    setting = f"hopper sizes, H={H}, beam {B}, cached, {E} episodes"
     batched = plan_latency(obs, act, H, B, n_envs=E, repeats=1 if quick else 3)
     single = plan_latency(obs, act, H, B, n_envs=1, repeats=1 if quick else 3)
-    rows += [dict(row="tt_decision_latency", metric=f"{E} envs in one call", value=batched, unit="s/step",
-                  setting=setting),
-             dict(row="tt_decision_latency", metric=f"{E} envs one at a time", value=E * single, unit="s/step",
-                  setting=setting, notes=f"{E} x the 1-env latency")]
+    rows += [dict(row="tt_decision_latency", metric=f"{E} envs in one call", value=batched,
+                  unit="s/step", setting=setting),
+             dict(row="tt_decision_latency", metric=f"{E} envs one at a time", value=E * single,
+                  unit="s/step", setting=setting, notes=f"{E} x the 1-env latency")]
     return rows
 
 
+def decision_profile(quick: bool, top: int = 6):
+    """Where one cached decision's time goes (torch.profiler, self CPU time by op)."""
+    from torch.profiler import ProfilerActivity, profile
+    H, B = (3, 8) if quick else (15, 128)
+    once = plan_once(11, 3, H, B)
+    once()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        once()
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in ops)
+    return [dict(row="tt_decision_profile", metric=e.key, value=100 * e.self_cpu_time_total / total,
+                 unit="% self CPU", setting=f"hopper sizes, H={H}, beam {B}, cached fp32",
+                 notes=f"{e.count} calls") for e in ops[:top]]
+
+
 def train_speed(quick: bool):
-    """Training steps per second, official model, windows of 10 transitions (hopper dims)."""
+    """Updates per second and MFU of the official model (hopper sizes, windows of 159 tokens)."""
     obs, act, D = 11, 3, 16
     torch.manual_seed(0)
-    model = tt.GPT(obs, act, 100, 10 * D - 1)
+    model = tt.GPT(obs, act)
     opt = torch.optim.AdamW(model.param_groups(0.1), lr=6e-4, betas=(0.9, 0.95))
-    w = model.token_weights(10, 5, 1, 1, "cpu")
-    rows = []
+    rows, peak = [], {False: matmul_peak(), True: matmul_peak(torch.bfloat16)}
     for bs in ([8] if quick else [64, 256]):
         x = torch.randint(0, 100, (bs, 10 * D - 1))
         y = torch.randint(0, 101, (bs, 10 * D - 1))
@@ -87,14 +133,28 @@ def train_speed(quick: bool):
         for bf16 in (False, True):
             def step():
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                    loss = model.loss(x, y, mask, w)
+                    loss = model.loss(x, y, mask)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+            with FlopCounterMode(display=False) as counter:
+                step()
             s = median_time(step, repeats=1 if quick else 3, warmup=1)
-            rows.append(dict(row="tt_train_speed", metric=f"batch {bs}, {'bf16' if bf16 else 'fp32'}",
-                             value=1.0 / s, unit="steps/s", setting="4 layers, 4 heads, 128 wide, 159 tokens"))
+            kind = "bf16" if bf16 else "fp32"
+            rows.append(dict(row="tt_train_speed", metric=f"batch {bs}, {kind}", value=1.0 / s,
+                             unit="updates/s", setting="4 layers, 4 heads, 128 wide",
+                             notes=f"MFU {counter.get_total_flops() / s / peak[bf16]:.0%} of "
+                             "this run's GEMM peak"))
     return rows
 
 
-ROWS = {"tt_decision_latency": decision_latency, "tt_train_speed": train_speed}
+ROWS = {"tt_decision_latency": decision_latency, "tt_decision_profile": decision_profile,
+        "tt_train_speed": train_speed}
+
+if __name__ == "__main__":  # the issue's measurement: H=15 / beam 128, cached, and its profile
+    t = time.perf_counter()
+    once = plan_once(11, 3, 15, 128)
+    print(f"threads {torch.get_num_threads()}: cached fp32 "
+          f"{median_time(once, repeats=3, warmup=1):.2f} s per decision (H=15, beam 128)")
+    for r in decision_profile(False):
+        print(f"  {r['metric']:<24} {r['value']:5.1f}%  ({r['notes']})")
