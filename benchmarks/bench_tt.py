@@ -10,14 +10,17 @@ random weights at a given horizon / beam and observation / action size:
     from bench_tt import plan_latency
     seconds = plan_latency(obs_dim=11, act_dim=3, horizon=15, beam=128)
 """
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import tt
-from bench import median_time
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script too
+import tt  # noqa: E402
+from bench import median_time  # noqa: E402
 
 PUBLISHED_GPU_S = 0.4  # official code, ~0.4 s per decision on one RTX 2080 Ti (PAPERS.md)
 
