@@ -287,6 +287,15 @@ class Prior(nn.Module):
         return self.head(self.ln_f(self.blocks(self.drop(h))))
 
 
+def prior_loss(prior: Prior, vqvae: VQVAE, x):
+    """Official PriorTrainer: NLL of the codes of chunks x (B, T, D) under the prior, given each
+    chunk's first state; the codes come from the frozen encoder (eval mode, nearest code)."""
+    with torch.no_grad():
+        codes = vqvae.eval().codebook.indices(vqvae.encode(x))  # (B, T / L)
+    logits = prior(codes[:, :-1], x[:, 0, : vqvae.obs_dim])  # (B, T / L, K)
+    return F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
+
+
 def init_weights(m):
     if isinstance(m, (nn.Linear, nn.Embedding)):
         nn.init.normal_(m.weight, 0.0, 0.02)
@@ -544,11 +553,8 @@ def main(argv=None) -> dict:
             losses = {"losses/reconstruction": mse, "losses/done_bce": bce,
                       "losses/commitment": commit}
         else:  # stage 2: the prior on the codes of the frozen encoder (official trainprior.py)
-            with torch.no_grad(), autocast:
-                codes = vqvae.eval().codebook.indices(vqvae.encode(x))  # (B, T / L)
             with autocast:
-                logits = prior.train()(codes[:, :-1], x[:, 0, :obs_dim])  # (B, T / L, K)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), codes.flatten())
+                loss = prior_loss(prior.train(), vqvae, x)
             update(prior, opt_prior, loss)
             losses = {"losses/prior_nll": loss}
         if run.every(LOG_EVERY):

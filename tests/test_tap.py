@@ -41,6 +41,8 @@ def tiny_models(obs_dim=11, act_dim=3, **kw):
     args = tiny_args(**kw)
     vq, pr = tap.VQVAE(obs_dim, act_dim, args).eval(), tap.Prior(obs_dim, args).eval()
     vq.codebook.embedding.normal_()
+    for pos in (vq.pos_emb, pr.pos_emb):  # zero at init: every step of a code would decode alike
+        pos.data.normal_()
     return args, vq, pr
 
 
@@ -161,6 +163,27 @@ def test_vq_loss_is_the_official_weighted_loss():
     before = ((z_e - old[idx]) ** 2).mean().item()
     assert np.isclose(commit.item(), after, rtol=1e-6), "commitment to the updated codes"
     assert not np.isclose(after, before, rtol=1e-4)
+    m.eval()  # no dropout, no EMA update: the reconstruction decodes (codes, the FIRST state)
+    _, _, _, out = m.loss(x, mask)
+    z_q = m.codebook.embedding[m.codebook.indices(m.encode(x))]
+    assert torch.allclose(out, m.decode(z_q, x[:, 0, :11]), atol=1e-6)
+
+
+def test_prior_loss_is_the_nll_of_the_frozen_encoder_codes():
+    args, vq, pr = tiny_models()
+    for p in pr.parameters():  # a sharper prior: wrong targets change the loss clearly
+        p.data.mul_(3)
+    x = torch.randn(3, 24, 17)
+    with torch.no_grad():
+        vq.codebook.embedding.copy_(vq.encode(torch.randn(4, 24, 17)).flatten(0, 1))  # 32 codes
+        z_e = vq.encode(x)  # (3, 8, code_dim)
+        codes = ((z_e[..., None, :] - vq.codebook.embedding) ** 2).sum(-1).argmin(-1)
+        s = x[:, 0, :11]
+        nll = [-torch.log_softmax(pr(codes[:, :j], s)[:, j], -1)[torch.arange(3), codes[:, j]]
+               for j in range(8)]  # code j from codes < j, one prefix at a time
+        assert len(codes.unique()) > 4
+        assert np.isclose(tap.prior_loss(pr, vq, x).item(), torch.stack(nll).mean().item(),
+                          rtol=1e-5)
 
 
 def test_encoder_max_pools_every_L_steps_causally():
@@ -278,14 +301,14 @@ def reference_beam(P, s, threshold):
 
 def test_beam_equals_the_official_recomputation():
     args, vq, pr = tiny_models(beam_width=6, horizon=12)
-    for p in pr.parameters():  # a peaked prior, so that the likelihood cap matters
-        p.data.mul_(20)
-    P = tap.Planner(vq, pr, stats16(), args, n_expand=3, threshold=0.2)
+    for p in pr.parameters():  # a sharper prior: log-likelihoods on both sides of the cap
+        p.data.mul_(3)
+    P = tap.Planner(vq, pr, stats16(), args, n_expand=3, threshold=0.1)
     s = torch.randn(4, 11)
     P.gen.manual_seed(1)
     first, codes = P.beam(s)
     P.gen.manual_seed(1)
-    ref_first, ref_codes = reference_beam(P, s, threshold=0.2)
+    ref_first, ref_codes = reference_beam(P, s, threshold=0.1)
     assert torch.equal(codes, ref_codes)
     assert np.allclose(first.numpy(), ref_first, atol=1e-4)
 
@@ -343,6 +366,7 @@ def test_sample_planner_two_rounds_ranked_by_return():
 @torch.no_grad()
 def test_first_action_is_the_decoded_first_action_of_its_codes(planner):
     args, vq, pr = tiny_models(planner=planner, n_codes=16, horizon=9, beam_width=4)
+    vq.predict.bias.data[11:14] = 0.5  # decoded actions 0.5 std = 5 away from their mean
     st = stats16()
     P = tap.Planner(vq, pr, st, args, n_samples=16)
     obs = np.random.default_rng(0).normal(size=(5, 11)).astype(np.float32)
