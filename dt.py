@@ -121,9 +121,6 @@ class ReturnBins:
         idx = torch.floor((R - self.lo) / (self.hi - self.lo) * self.n)
         return idx.clamp(0, self.n - 1).long()
 
-    def centers(self) -> torch.Tensor:
-        return self.lo + (torch.arange(self.n) + 0.5) * (self.hi - self.lo) / self.n
-
 
 class TrajectoryData:
     """Every episode flattened on the device. States z-scored with the dataset's mean and std
