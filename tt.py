@@ -554,6 +554,8 @@ def main(argv=None) -> dict:
         args = dataclasses.replace(args, **{k: ckpt_args[k] for k in ARCH})
     common.set_seed(args.seed)
     plan_config(args)  # bad planning flags fail before training
+    if len(args.schedule_epochs) != 2:
+        raise ValueError("--schedule-epochs takes two numbers, WARMUP FINAL (official: 1 20)")
     # ---- data (Sec. 3.1) ----
     data = common.load_dataset(args.env, args.dataset, path=args.dataset_path)
     args.env = data.env

@@ -424,6 +424,8 @@ def test_smoke_train_resume_eval(runs, tmp_path, monkeypatch):
         tt.main(["--eval-only", "--checkpoint", str(bad), "--no-cuda"])
     with pytest.raises(ValueError, match="plan-freq"):
         tt.main(["--eval-only", "--checkpoint", full["checkpoint"], "--plan-freq", "3"])
+    with pytest.raises(ValueError, match="schedule-epochs"):
+        tt.main(["--schedule-epochs", "1", "--no-cuda"])
 
 
 def test_load_policy_from_two_copied_files(runs, tmp_path, data_dir):
