@@ -27,16 +27,6 @@ def random_disc(seed=0):
     return tt.Discretizer(np.sort(rng.normal(size=(101, D)), 0))
 
 
-@pytest.fixture
-def one_thread():
-    """Training reductions (embedding / layer-norm backward) are not bitwise reproducible with 2
-    threads; with one they are, so exact-resume comparisons run with one."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ----------------------------------------------------------------------------- data (Sec. 3.1)
 @pytest.mark.parametrize("kind", ["quantile", "uniform"])
 def test_discretizer_round_trip_below_one_bin(kind):
@@ -386,7 +376,8 @@ def runs(tiny_dataset, tmp_path_factory):
     root = tmp_path_factory.mktemp("tt_runs")
     cwd, n = os.getcwd(), torch.get_num_threads()
     os.chdir(root)
-    torch.set_num_threads(1)   # exact comparisons need one thread (see the one_thread fixture)
+    torch.set_num_threads(1)   # 2-thread reductions (embedding / layer-norm backward) are
+    # not bitwise reproducible, so the exact-resume comparison trains with one thread
     try:
         base = ["--dataset-path", str(tiny_dataset()), "--no-cuda", "--n-layer", "1",
                 "--n-embd", "32", "--batch-size", "8", "--horizon", "2", "--beam-width", "4",
