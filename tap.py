@@ -376,13 +376,13 @@ class Planner:
 
     def __init__(self, vqvae: VQVAE, prior: Prior, stats: dict, args: Args, device="cpu",
                  n_expand=N_EXPAND, threshold=PROB_THRESHOLD, weight=PROB_WEIGHT,
-                 n_samples=N_SAMPLES, rounds=ROUNDS):
+                 n_samples=N_SAMPLES, rounds=ROUNDS, dedupe=True):
         self.vqvae, self.prior, self.args = vqvae.eval(), prior.eval(), args
         self.device = torch.device(device)
         self.mean, self.std = (torch.as_tensor(stats[k], device=device) for k in ("mean", "std"))
         self.n_plan, self.n_expand, self.threshold, self.weight = (
             args.horizon // args.latent_step, n_expand, threshold, weight)
-        self.n_samples, self.rounds = n_samples, rounds
+        self.n_samples, self.rounds, self.dedupe = n_samples, rounds, dedupe
         if not 1 <= self.n_plan <= SEQ_LEN // args.latent_step:
             raise ValueError(f"--horizon {args.horizon} gives {self.n_plan} codes: use a horizon "
                              f"from {args.latent_step} to {SEQ_LEN} (the chunk length)")
@@ -413,8 +413,14 @@ class Planner:
             new, lp = self.draw(logits, n)  # (E * n_beam, n)
             parent = torch.arange(E * n_beam, device=dev).repeat_interleave(n)  # candidate -> beam
             cand = torch.cat([codes[parent], new.reshape(-1, 1)], 1)  # (E * n_beam * n, k + 1)
-            out, d_new = decode_next(self.vqvae, self.vqvae.codebook.embedding[cand[:, -1]],
-                                     s.repeat_interleave(n_beam * n, 0), take(d_cache, parent))
+            rows = inv = torch.arange(len(cand), device=dev)  # plain: decode every candidate
+            if self.dedupe:  # Speed: equal (state, codes) rows, drawn with replacement, decode once
+                key = torch.cat([(parent // n_beam)[:, None], cand], 1)
+                key, inv = torch.unique(key, dim=0, return_inverse=True)  # (U, k + 2), (N,)
+                rows = torch.zeros(len(key), dtype=torch.long, device=dev).scatter_(0, inv, rows)
+            out, d_new = decode_next(self.vqvae, self.vqvae.codebook.embedding[cand[rows, -1]],
+                                     s[parent[rows] // n_beam], take(d_cache, parent[rows]))
+            out = out[inv]  # (N, L, D): the decoded steps of every candidate
             r, v = self.rewards_values(out.float())  # steps k L .. k L + L - 1
             rew_c, logp_c = torch.cat([rew[parent], r], 1), logp[parent] + lp.reshape(-1)
             score = objective(rew_c, v[:, -1], logp_c, self.n_plan, threshold=self.threshold,
@@ -424,7 +430,7 @@ class Planner:
             sel = (top + torch.arange(E, device=dev)[:, None] * (n_beam * n)).flatten()
             first = out[sel, 0] if k == 0 else first[parent[sel]]  # (E * keep, D)
             codes, rew, logp, n_beam = cand[sel], rew_c[sel], logp_c[sel], top.shape[1]
-            d_cache = take(d_new, sel)
+            d_cache = take(d_new, inv[sel])
             if k < self.n_plan - 1:  # the prior's next-code distribution for every kept beam
                 logits, p_cache = prior_next(self.prior, codes[:, -1], s.repeat_interleave(
                     n_beam, 0), take(p_cache, parent[sel]))
@@ -451,8 +457,9 @@ class Planner:
             ret = objective(r[i], v[i, -1], logp[i], self.n_plan, weight=0.0)  # return only
             best.append((ret, pred[i, 0], idx[i]))
         pick = torch.stack([b[0] for b in best], 1).argmax(1)  # (E,) round of the best return
-        first = torch.stack([b[1] for b in best], 1)[torch.arange(E), pick]
-        return first, torch.stack([b[2] for b in best], 1)[torch.arange(E), pick]
+        rows = torch.arange(E, device=s.device)
+        return (torch.stack([b[1] for b in best], 1)[rows, pick],
+                torch.stack([b[2] for b in best], 1)[rows, pick])
 
     def __call__(self, obs):
         obs = torch.as_tensor(np.asarray(obs), dtype=torch.float32, device=self.device)

@@ -1,121 +1,123 @@
-"""Benchmarks of tap.py: decision latency of TAP's latent beam search vs TT's cached beam search.
+"""Benchmarks of tap.py: decision latency of TAP vs tt.py's cached planner, side by side.
 
-TAP plans over H / L = 5 latent codes whatever the observation / action size (~10 small forward
-passes per decision); TT generates H * (obs + act + 2) tokens. Both at horizon 15 with random
-weights (latency does not depend on the weights), one decision for one state, on hopper-sized
-inputs (obs 11, act 3) and on 3x larger ones (obs 33, act 9).
+One decision for one state at H = 15 with random weights (latency does not depend on them), on
+hopper sizes (obs 11, act 3) and 3x larger ones (obs 33, act 9), in fp32 and with --bf16. TAP at
+its official widths (VQ-VAE and prior 4 layers x 512, beam 64 x expand 4, 5 codes). TT through
+tt.load_policy at tt.py's defaults (width 128, beam 128 x expand 2, context 5, key-value cache),
+timed at replanning steps with a full context (plan_freq 15: it plans at t = 15, 30, ...).
+TAP and TT are timed alternately, so the machine's load hits both alike.
+
+    python benchmarks/bench.py --only tap_decision_latency
 """
-import inspect
+import dataclasses
+import statistics
+import tempfile
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 import tap
-from bench import median_time
 
 SIZES = ((11, 3), (33, 9))
+H = 15
 
 
-def tap_planner(obs_dim: int, act_dim: int, horizon: int = 15, **overrides):
-    """A TAP planner with random weights and the paper's default sizes (override any Args field)."""
-    a = tap.Args(horizon=horizon, **overrides)
+def tap_policy(obs_dim: int, act_dim: int, **overrides):
+    """A TAP planner with random weights at the official sizes (override any Args field)."""
+    args = tap.Args(horizon=H, **overrides)
     torch.manual_seed(0)
-    vq, pr = tap.VQVAE(obs_dim, act_dim, a), tap.Prior(obs_dim, a)
+    vq, pr = tap.VQVAE(obs_dim, act_dim, args), tap.Prior(obs_dim, args)
     vq.codebook.embedding.normal_()
     d = obs_dim + act_dim + 2
-    stats = dict(mean=np.zeros(d, np.float32), std=np.ones(d, np.float32))
-    return tap.Planner(vq, pr, stats, a, -np.ones(act_dim), np.ones(act_dim), torch.device("cpu"))
+    return tap.Planner(vq, pr, dict(mean=torch.zeros(d), std=torch.ones(d)), args)
 
 
-def tap_latency(obs_dim: int, act_dim: int, horizon: int = 15, repeats: int = 5, **overrides) -> float:
-    """Median seconds of one TAP decision (beam 64 x expand 4 by default) for one state."""
-    planner = tap_planner(obs_dim, act_dim, horizon, **overrides)
+def tap_decision(policy, obs_dim: int):
     obs = np.random.default_rng(0).normal(size=(1, obs_dim)).astype(np.float32)
-    return median_time(lambda: planner(obs), repeats=repeats, warmup=1)
+    return lambda: policy(obs)
 
 
-def tt_latency(obs_dim: int, act_dim: int, horizon: int, quick: bool):
-    """tt.py's cached planner latency through its `plan_latency` helper; None when unavailable."""
+def tt_decision(obs_dim: int, act_dim: int, folder: Path, bf16: bool):
+    """One TT replanning step with a full context, through tt.load_policy; (fn, "") or (None,
+    why) when tt.py's API does not fit (it is another file, rewritten on its own)."""
     try:
         import tt
-    except Exception as e:  # noqa: BLE001 - tt.py is another file; report, don't crash
-        return None, f"tt.py not importable ({type(e).__name__})"
-    fn = getattr(tt, "plan_latency", None)
-    if fn is None:
-        try:
-            return _tt_beam_plan_latency(tt, obs_dim, act_dim, horizon, quick), "timed tt.beam_plan (no plan_latency)"
-        except Exception as e:  # noqa: BLE001
-            return None, f"tt.py has no plan_latency() and tt.beam_plan failed ({type(e).__name__}: {e})"
-    params = inspect.signature(fn).parameters
-    kw = {}
-    for name, val in (("obs_dim", obs_dim), ("act_dim", act_dim), ("horizon", horizon)):
-        if name in params:
-            kw[name] = val
-    if "repeats" in params:
-        kw["repeats"] = 1 if quick else 3
-    out = fn(**kw) if kw else fn(obs_dim, act_dim, horizon)
-    if isinstance(out, dict):  # accept a dict with seconds under a common key
-        for k in ("seconds", "latency_s", "median_s", "time"):
-            if k in out:
-                return float(out[k]), ""
-        raise ValueError(f"tt.plan_latency returned {out} without seconds")
-    return float(out), ""
+        args = tt.Args()
+        model = tt.GPT(obs_dim, act_dim, args.n_layer, args.n_embd)
+        D = obs_dim + act_dim + 2
+        edges = torch.linspace(-1, 1, tt.N_BINS + 1, dtype=torch.float64)[:, None].repeat(1, D)
+        path = folder / f"tt_{obs_dim}.pt"
+        torch.save(dict(algo="tt", args=dataclasses.asdict(args), obs_dim=obs_dim,
+                        act_dim=act_dim, model=model.state_dict(), thresholds=edges), path)
+        policy = tt.load_policy(path, plan_freq=H, bf16=bf16)
+        policy.reset(1)
+    except Exception as e:  # noqa: BLE001 - report, don't crash the harness
+        return None, f"tt.py not usable here ({type(e).__name__}: {e})"[:160]
+    rng = np.random.default_rng(0)
+
+    def step():
+        act = policy(rng.uniform(-1, 1, (1, obs_dim)).astype(np.float32))
+        policy.observe(np.zeros(1, np.float32), np.zeros(1, bool))
+        return act
+
+    def decision():  # 14 steps follow the plan (cheap); the next one, t = 15 k, replans
+        for _ in range(H - 1):
+            step()
+        t = time.perf_counter()
+        step()
+        return time.perf_counter() - t
+
+    step()  # t = 0 plans with an empty context; by t = 15 the context holds 5 transitions
+    return decision, ""
 
 
-def _tt_beam_plan_latency(tt, obs_dim: int, act_dim: int, horizon: int, quick: bool) -> float:
-    """Fallback: tt.py's cached beam_plan with its default Args (random weights, uniform bins),
-    a context of max_context_transitions random transitions + the current observation."""
-    args = tt.Args()
-    cfg = tt.plan_config(args)
-    torch.manual_seed(0)
-    model = tt.build_model(args, obs_dim, act_dim, torch.device("cpu")).eval()
-    D = obs_dim + act_dim + 2
-    disc = tt.Discretizer(np.linspace(-1, 1, args.n_bins + 1)[:, None].repeat(D, 1).astype(np.float32))
-    prefix = torch.randint(0, args.n_bins, (1, cfg["context"] * D + obs_dim))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        return median_time(lambda: tt.beam_plan(model, disc, prefix, horizon, cfg["beam_width"], cfg["n_expand"],
-                                                 cfg["cdf_act"], cfg["discount"], cfg["context"], True, gen),
-                           repeats=1 if quick else 3, warmup=1)
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def decision_latency(quick: bool):
-    """TAP vs TT decision latency at H=15, hopper-sized and 3x larger obs/act, one table."""
-    rows, horizon = [], 15
+    """TAP vs TT decision latency at H = 15: hopper sizes and 3x obs / act, fp32 and bf16."""
+    rows, repeats, folder = [], 1 if quick else 3, Path(tempfile.mkdtemp())
+    small = dict(n_embd=32, code_dim=16, n_layer=1, beam_width=4) if quick else {}
     tap_s, tt_s = {}, {}
-    for obs_dim, act_dim in SIZES:
-        setting = f"H={horizon}, obs {obs_dim}, act {act_dim}, random weights, 1 state, CPU fp32"
-        if quick:  # smoke check: tiny models, tiny beam
-            t = tap_latency(obs_dim, act_dim, horizon, repeats=1, beam_width=4, n_embd=32, code_dim=16,
-                            n_layer=1, prior_n_embd=32, prior_n_layer=1)
-        else:
-            t = tap_latency(obs_dim, act_dim, horizon, repeats=5)
-        tap_s[obs_dim] = t
-        rows.append(dict(row="tap_decision_latency", metric="TAP latent beam search", value=1000 * t, unit="ms",
-                         setting=setting, notes="beam 64 x expand 4, 5 codes; official sizes (VQ 4x128, codes 512-d, "
-                                                "prior 4x512)" if not quick else "quick: tiny model, beam 4"))
-        if not quick:
-            tb = tap_latency(obs_dim, act_dim, horizon, repeats=5, bf16=True)
-            rows.append(dict(row="tap_decision_latency", metric="TAP latent beam search, bf16 autocast",
-                             value=1000 * tb, unit="ms", setting=setting.replace("fp32", "bf16"),
-                             notes="--bf16"))
-        s, why = tt_latency(obs_dim, act_dim, horizon, quick) if not quick else (None, "skipped in --quick")
-        tt_s[obs_dim] = s
-        if s is not None:
-            rows.append(dict(row="tap_decision_latency", metric="TT cached beam search", value=1000 * s, unit="ms",
-                             setting=setting, notes=(why or "tt.plan_latency") + "; tt.py planning defaults "
-                                                          "(beam 128 x expand 2, context 5, KV cache)"))
-            rows.append(dict(row="tap_decision_latency", metric="TT / TAP latency", value=s / t, unit="x",
-                             setting=setting, notes="target >= 10x at hopper size"))
-        else:
-            rows.append(dict(row="tap_decision_latency", metric="TT cached beam search", value="n/a", unit="ms",
-                             setting=setting, notes=why))
-    small, big = SIZES[0][0], SIZES[1][0]
-    rows.append(dict(row="tap_decision_latency", metric="TAP latency growth 3x obs/act", value=tap_s[big] / tap_s[small],
-                     unit="x", setting=f"obs {small}->{big}", notes="target: flat (~1x)"))
-    if tt_s[small] is not None and tt_s[big] is not None:
-        rows.append(dict(row="tap_decision_latency", metric="TT latency growth 3x obs/act", value=tt_s[big] / tt_s[small],
-                         unit="x", setting=f"obs {small}->{big}", notes="TT plans over H*(obs+act+2) tokens"))
+    for bf16 in (False, True):
+        kind = "bf16 autocast" if bf16 else "fp32"
+        for obs_dim, act_dim in SIZES:
+            setting = f"H={H}, obs {obs_dim}, act {act_dim}, 1 state, CPU {kind}"
+            t_fn = tap_decision(tap_policy(obs_dim, act_dim, bf16=bf16, **small), obs_dim)
+            tt_fn, why = (None, "skipped in --quick") if quick else tt_decision(
+                obs_dim, act_dim, folder, bf16)
+            t_fn()  # warm-up
+            tap_t, tt_t = [], []
+            for _ in range(repeats):  # alternate, so the load hits both alike
+                tap_t.append(timed(t_fn))
+                tt_t += [tt_fn()] if tt_fn else []
+            a = tap_s[(obs_dim, bf16)] = statistics.median(tap_t)
+            rows.append(dict(row="tap_decision_latency", metric="TAP latent beam search",
+                             value=1000 * a, unit="ms", setting=setting,
+                             notes="quick: tiny model" if quick else
+                             "official widths: VQ-VAE 4x512, prior 4x512, beam 64x4"))
+            if tt_t:
+                b = tt_s[(obs_dim, bf16)] = statistics.median(tt_t)
+                rows += [dict(row="tap_decision_latency", metric="TT cached beam search",
+                              value=1000 * b, unit="ms", setting=setting,
+                              notes="tt.load_policy: width 128, beam 128x2, context 5, KV cache"),
+                         dict(row="tap_decision_latency", metric="TT / TAP latency", value=b / a,
+                              unit="x", setting=setting, notes="target >= 10x")]
+            else:
+                rows.append(dict(row="tap_decision_latency", metric="TT cached beam search",
+                                 value="n/a", unit="ms", setting=setting, notes=why))
+        growth = tap_s[(SIZES[1][0], bf16)] / tap_s[(SIZES[0][0], bf16)]
+        rows.append(dict(row="tap_decision_latency", metric="TAP latency growth, 3x obs/act",
+                         value=growth, unit="x", setting=f"CPU {kind}", notes="target: flat"))
+        if (SIZES[1][0], bf16) in tt_s:
+            rows.append(dict(row="tap_decision_latency", metric="TT latency growth, 3x obs/act",
+                             value=tt_s[(SIZES[1][0], bf16)] / tt_s[(SIZES[0][0], bf16)],
+                             unit="x", setting=f"CPU {kind}", notes="H (obs+act+2) tokens"))
     return rows
 
 

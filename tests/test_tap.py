@@ -299,11 +299,13 @@ def reference_beam(P, s, threshold):
     return pred[:, 0], idx
 
 
-def test_beam_equals_the_official_recomputation():
+@pytest.mark.parametrize("dedupe", [False, True])
+def test_beam_equals_the_official_recomputation(dedupe):
+    """Plain caches, and caches with duplicate candidates decoded once (the speed trick)."""
     args, vq, pr = tiny_models(beam_width=6, horizon=12)
     for p in pr.parameters():  # a sharper prior: log-likelihoods on both sides of the cap
         p.data.mul_(3)
-    P = tap.Planner(vq, pr, stats16(), args, n_expand=3, threshold=0.1)
+    P = tap.Planner(vq, pr, stats16(), args, n_expand=3, threshold=0.1, dedupe=dedupe)
     s = torch.randn(4, 11)
     P.gen.manual_seed(1)
     first, codes = P.beam(s)
@@ -311,6 +313,9 @@ def test_beam_equals_the_official_recomputation():
     ref_first, ref_codes = reference_beam(P, s, threshold=0.1)
     assert torch.equal(codes, ref_codes)
     assert np.allclose(first.numpy(), ref_first, atol=1e-4)
+    P.gen.manual_seed(1)
+    draws = P.draw(pr(torch.zeros(4, 0, dtype=torch.long), s)[:, -1], 18)[0]
+    assert min(len(row.unique()) for row in draws) < 18, "duplicates to decode once"
 
 
 @torch.no_grad()
