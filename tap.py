@@ -14,8 +14,8 @@ Named deviations (reason):
   - Training length in gradient steps (--total-steps, --prior-steps), not epochs: one budget unit.
   - Plain causal attention: the official mask also hides key position obs + act + 1 (15 on hopper;
     none within 24 steps on halfcheetah / walker2d), a leftover of TT's value-token mask.
-  - Beam search extends prefixes with key-value caches (official: re-decodes every prefix; same
-    plans, tested) and plans all evaluation episodes in one batch.
+  - Speed: beam search extends prefixes with key-value caches and decodes equal candidates once
+    (official: re-decodes every prefix; same plans, tested); all episodes plan in one batch.
   - Offline data from make_datasets.py on Gymnasium v5: scores are "D4RL-normalized".
 
 Run:       python tap.py --env hopper        (both stages, then evaluation; sized for a GPU)
