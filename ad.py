@@ -77,14 +77,14 @@ class Args:
     """embedding and residual dropout"""
     attn_dropout: float = 0.5
     """attention dropout (0.5 sends SDPA to its slower path on a CPU: README)"""
+    post_norm: bool = True
+    """post-norm blocks as the table; --no-post-norm: pre-norm, faster to learn on a CPU budget"""
     total_steps: int = 8000
     """training steps; each makes one AD update and one ED update"""
     batch_size: int = 128
     """windows per batch"""
     lr: float = 3e-4
     """peak learning rate (warm-up from 2e-6, then cosine decay to 2e-6)"""
-    expert_episodes: int = 8
-    """ED trains on the last this-many kept episodes of every history"""
     eval_every: int = 1000
     """quick in-context evaluation of AD every N steps (0: only the final evaluation)"""
     eval_episodes: int = 50
@@ -102,7 +102,7 @@ MOVES = np.array([[-1, 0], [1, 0], [0, 1], [0, -1], [0, 0]])  # left, right, up,
 ENV_CONFIG = {"darkroom": dict(size=9, max_steps=20), "darkroom-hard": dict(size=17, max_steps=20),
               "key-to-door": dict(size=9, max_steps=50)}
 Q_LR, Q_GAMMA, Q_EPS_END = 0.5, 0.9, 0.05   # the source's tabular Q-learning (ours)
-EVAL_REPEATS = 4                            # in-context runs per held-out task
+EVAL_REPEATS, ED_EPISODES = 4, 8            # runs per held-out task; ED: the last 8 kept
 LR_MIN, WARMUP = 2e-6, 0.05                 # lr warmed from 2e-6 over the first 5% of updates
 GRAD_CLIP = 1.0
 
@@ -163,8 +163,7 @@ class DarkRoom(gym.Env):
         self.action_space = gym.spaces.Discrete(N_ACTIONS)
 
     def reset(self, *, seed=None, options=None):
-        super().reset(seed=seed)
-        return self._env.reset()[0], {}
+        return self._env.reset()[0], {}  # deterministic: the seed changes nothing
 
     def step(self, action):
         obs, rew, done = self._env.step(np.array([int(action)]))
@@ -281,9 +280,8 @@ def load_histories(args: Args, train_tasks, test_tasks) -> dict:
     h = {k: v[:, ::args.subsample].copy() for k, v in h.items()}  # every k-th episode (Sec. 4)
     h["tasks"] = tasks
     common.save_npz(path, h)
-    ret = h["rewards"].sum(-1).mean(0)
-    print(f"[ad] {len(tasks)} Q-learning histories, return of the first / last kept episode "
-          f"{ret[0]:.2f} / {ret[-1]:.2f} -> {path}")
+    print(f"[ad] {len(tasks)} Q-learning histories, mean return of the last kept episode "
+          f"{h['rewards'][:, -1].sum(-1).mean():.2f} -> {path}")
     return validate_histories(h, args, test_tasks, str(path))
 
 class WindowSampler:
@@ -310,45 +308,49 @@ class WindowSampler:
         # the window's first episode is in the loss only at a history's start, where the learner
         # had no past either; elsewhere it acted on episodes the window does not show
         mask = (e0 == 0) | (steps >= self.T)                                      # (B, L)
-        out = (self.obs[h, idx], self.prev_a[h, idx], self.prev_r[h, idx], self.act[h, idx], mask)
-        return tuple(x.to(self.device) for x in out)
+        return tuple(x.to(self.device) for x in (self.obs[h, idx], self.prev_a[h, idx],
+                                                 self.prev_r[h, idx], self.act[h, idx], mask))
 
 # ===== Model: causal transformer over the across-episode history (Sec. 4, appendix table) =====
 class Block(nn.Module):
-    """Post-norm block (the table): x = LN(x + attn(x)); x = LN(x + FF(x)); SDPA attention with
-    an optional key-value cache."""
-    def __init__(self, d: int, n_heads: int, ff_dim: int, dropout: float, attn_dropout: float):
+    """Post-norm (the table): x = LN(x + attn(x)), x = LN(x + FF(x)); or pre-norm:
+    x + attn(LN(x)), x + FF(LN(x)). SDPA attention with an optional key-value cache."""
+    def __init__(self, d, n_heads, ff_dim, dropout, attn_dropout, post_norm=True):
         super().__init__()
-        self.n_heads, self.attn_dropout = n_heads, attn_dropout
+        self.n_heads, self.attn_dropout, self.post_norm = n_heads, attn_dropout, post_norm
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
         self.ff = nn.Sequential(nn.Linear(d, ff_dim), nn.GELU(), nn.Linear(ff_dim, d))
         self.ln1, self.ln2, self.drop = nn.LayerNorm(d), nn.LayerNorm(d), nn.Dropout(dropout)
 
     def forward(self, x, cache=None, start: int = 0):
         B, L, d = x.shape
-        qkv = self.qkv(x).view(B, L, 3, self.n_heads, d // self.n_heads)
+        qkv = self.qkv(x if self.post_norm else self.ln1(x)).view(B, L, 3, self.n_heads, -1)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)                              # 3 x (B, h, L, dh)
         if cache is not None:  # (2, B, h, S, dh): a prefill at 0, or one token at a time
             cache[0, :, :, start:start + L], cache[1, :, :, start:start + L] = k, v
             k, v = cache[0, :, :, :start + L], cache[1, :, :, :start + L]  # (B, h, start+L, dh)
         p = self.attn_dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, is_causal=L > 1, dropout_p=p)  # (B, h, L, dh)
-        x = self.ln1(x + self.drop(self.proj(y.transpose(1, 2).reshape(B, L, d))))
-        return self.ln2(x + self.drop(self.ff(x)))
+        x = x + self.drop(self.proj(y.transpose(1, 2).reshape(B, L, d)))
+        x = self.ln1(x) if self.post_norm else x
+        y = self.drop(self.ff(x if self.post_norm else self.ln2(x)))
+        return self.ln2(x + y) if self.post_norm else x + y
 
 class ADTransformer(nn.Module):
     """pi(a_t | history to s_t). token_t = E_x(x_t) + E_y(y_t) + E_a(a_{t-1}) + W_r r_{t-1} + P(t),
     t counted from the window's start (always an episode start)."""
     def __init__(self, size: int, seq_len: int, d: int = 64, n_layers: int = 4, n_heads: int = 4,
-                 ff_dim: int = 2048, dropout: float = 0.1, attn_dropout: float = 0.5):
+                 ff_dim: int = 2048, dropout: float = 0.1, attn_dropout: float = 0.5,
+                 post_norm: bool = True):
         super().__init__()
         self.seq_len, self.n_layers, self.n_heads, self.d = seq_len, n_layers, n_heads, d
         self.x_emb, self.y_emb = nn.Embedding(size, d), nn.Embedding(size, d)
         self.a_emb = nn.Embedding(N_ACTIONS + 1, d)  # index N_ACTIONS: no previous action
         self.r_emb, self.pos_emb = nn.Linear(1, d), nn.Embedding(seq_len, d)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(d, n_heads, ff_dim, dropout, attn_dropout)
+        self.blocks = nn.ModuleList(Block(d, n_heads, ff_dim, dropout, attn_dropout, post_norm)
                                     for _ in range(n_layers))
+        self.ln_f = nn.Identity() if post_norm else nn.LayerNorm(d)  # pre-norm: a final LN
         self.head = nn.Linear(d, N_ACTIONS)
         for m in self.modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
@@ -368,12 +370,13 @@ class ADTransformer(nn.Module):
                       + self.r_emb(prev_r[..., None]) + self.pos_emb(pos))  # (B, L, d)
         for i, block in enumerate(self.blocks):
             h = block(h, None if cache is None else cache[i], start)
-        return self.head(h)                                         # (B, L, A)
+        return self.head(self.ln_f(h))                                         # (B, L, A)
 
 def make_model(args: Args) -> ADTransformer:
     cfg = ENV_CONFIG[args.env]
     return ADTransformer(cfg["size"], args.context_episodes * cfg["max_steps"], args.d_model,
-                         args.n_layers, args.n_heads, args.ff_dim, args.dropout, args.attn_dropout)
+                         args.n_layers, args.n_heads, args.ff_dim, args.dropout, args.attn_dropout,
+                         args.post_norm)
 
 def ad_loss(model: ADTransformer, batch) -> torch.Tensor:
     """Algorithm 1: -log pi(a_t | h_t), averaged over the positions of the loss mask."""
@@ -394,13 +397,13 @@ class InContextPolicy:
 
     def reset(self, n: int) -> None:
         dev = self.device  # the window: obs (n, L, 2), prev_a (n, L), prev_r (n, L)
+        self.model.eval()
         self.win = [torch.zeros(n, 0, 2, dtype=torch.long, device=dev),
                     torch.zeros(n, 0, dtype=torch.long, device=dev), torch.zeros(n, 0, device=dev)]
         self.prev_a = torch.full((n,), N_ACTIONS, device=dev)  # a history's start: no action
         self.prev_r = torch.zeros(n, device=dev)
         self.starts, self.new_episode = [0], False  # where each episode of the window starts
-        self.gen = torch.Generator(dev).manual_seed(self.seed)
-        self.cache, self.cached = None, 0
+        self.gen, self.cache, self.cached = torch.Generator(dev).manual_seed(self.seed), None, 0
 
     @torch.no_grad()
     def __call__(self, obs) -> np.ndarray:
@@ -443,7 +446,6 @@ def in_context_returns(policy: InContextPolicy, variant: str, tasks, n_episodes:
     """Fig. 4 protocol for one policy: reset its context once, then `n_episodes` episodes in a
     row on every task without clearing it. -> returns (N, episodes), actions (N, episodes, T)."""
     env = BatchDarkRoom(variant, tasks)
-    policy.model.eval()
     policy.reset(env.n)
     returns = np.zeros((env.n, n_episodes))
     actions = np.zeros((env.n, n_episodes, env.max_steps), dtype=np.int64)
@@ -465,8 +467,7 @@ def evaluate(args: Args, models: dict, train_tasks, test_tasks, progress=True) -
     history AD imitates (its kept episode i = episode k*(i-1)+1, k = --subsample) and, for
     reference, on all its episodes (raw)."""
     tasks, n = np.repeat(test_tasks, EVAL_REPEATS, 0), len(test_tasks)
-    probe = np.repeat(train_tasks[:n], EVAL_REPEATS, 0)  # the known failure: learns on train only
-    curves = {}
+    probe, curves = np.repeat(train_tasks[:n], EVAL_REPEATS, 0), {}  # learns on train tasks only?
     for name, on in [(k, tasks) for k in models] + [("AD (train tasks)", probe)]:
         policy = InContextPolicy(models[name[:2]], args.context_episodes, seed=args.seed)
         curves[name] = in_context_returns(policy, args.env, on, args.eval_episodes, progress)[0]
@@ -483,12 +484,11 @@ def report(folder: Path, curves: dict, args: Args) -> str:
     """in_context.csv, in_context.md (summary + table), in_context.png; returns the summary."""
     opt, E, names = curves["optimal"][0], len(curves["AD"]), list(curves)[:-2]
     avg = {k: np.convolve(curves[k], np.ones(5) / 5, mode="valid") for k in names}  # 5-episode mean
-    reach = {k: [next((i + 5 for i, v in enumerate(avg[k]) if v >= p * opt), None)
-                 for p in (0.5, 0.75)] for k in names}
+    reach = {k: [next((i + 5 for i, v in enumerate(a) if v >= p * opt), f"> {len(a) + 4}")
+                 for p in (0.5, 0.75)] for k, a in avg.items()}
     summary = (f"{args.env}, {args.split[1]} held-out tasks x {EVAL_REPEATS} runs, sampled "
-               "actions. Episodes to 50% / 75% of optimal (5-episode mean): " + "; ".join(
-                   f"{k} {a or f'> {len(curves[k])}'} / {b or f'> {len(curves[k])}'}"
-                   for k, (a, b) in reach.items()))
+               "actions. Episodes to 50% / 75% of optimal (5-episode mean): "
+               + "; ".join(f"{k} {a} / {b}" for k, (a, b) in reach.items()))
     rows = [[str(e + 1)] + [f"{c[e]:.2f}" if e < len(c) else "" for c in curves.values()]
             for e in range(E)]
     (folder / "in_context.csv").write_text("\n".join(map(",".join, [["episode", *curves], *rows])))
@@ -513,10 +513,10 @@ def report(folder: Path, curves: dict, args: Args) -> str:
 def check_args(args: Args) -> None:
     if args.env not in ENV_CONFIG:
         raise ValueError(f"unknown --env {args.env!r}: use one of {', '.join(ENV_CONFIG)}")
-    if len(args.split) != 2 or min(args.split + (args.context_episodes, args.subsample)) < 1:
-        raise ValueError("--split takes two numbers >= 1; --context-episodes, --subsample >= 1")
-    if not 0 < args.q_eps_decay <= 1:
-        raise ValueError(f"--q-eps-decay {args.q_eps_decay}: a fraction of the episodes, (0, 1]")
+    sizes = args.split + (args.context_episodes, args.subsample)
+    if len(args.split) != 2 or min(sizes) < 1 or not 0 < args.q_eps_decay <= 1:
+        raise ValueError("--split takes two numbers >= 1; --context-episodes, --subsample >= 1; "
+                         "--q-eps-decay is a fraction of the source episodes, in (0, 1]")
     if args.eval_only and not args.checkpoint:
         raise ValueError("--eval-only needs --checkpoint PATH (a checkpoint.pt of ad.py)")
 
@@ -549,7 +549,7 @@ def main(argv=None) -> dict:
     train_tasks, test_tasks = task_split(args)
     hist = load_histories(args, train_tasks, test_tasks)
     data = {"AD": WindowSampler(hist, args.context_episodes, device),  # the whole histories
-            "ED": WindowSampler(hist, args.context_episodes, device, last=args.expert_episodes)}
+            "ED": WindowSampler(hist, args.context_episodes, device, last=ED_EPISODES)}
     models = {k: make_model(args).to(device) for k in data}
     optim = {k: make_optimizer(m, args) for k, m in models.items()}
     gen = torch.Generator().manual_seed(args.seed)

@@ -158,10 +158,10 @@ def test_window_tokens_and_loss_mask_hand_built():
     assert (ed.sample(16, torch.Generator().manual_seed(0))[0][:, 0, 0] == 1).all()
 
 
-def _model(seed=0, ctx=2, T=20):
+def _model(seed=0, ctx=2, T=20, post_norm=True):
     torch.manual_seed(seed)
     m = ad.ADTransformer(9, ctx * T, d=32, n_layers=2, n_heads=2, ff_dim=64, dropout=0.0,
-                         attn_dropout=0.0)
+                         attn_dropout=0.0, post_norm=post_norm)
     with torch.no_grad():
         for p in m.parameters():  # larger weights: non-trivial action distributions
             p.add_(torch.randn_like(p) * 0.3)
@@ -182,8 +182,9 @@ def test_loss_is_masked_mean_cross_entropy():
     assert abs(ad.ad_loss(m, (obs, pa, pr, other, mask)).item() - want) < 1e-5
 
 
-def test_causal_but_attends_across_episodes():
-    m = _model()
+@pytest.mark.parametrize("post_norm", [True, False])
+def test_causal_but_attends_across_episodes(post_norm):
+    m = _model(post_norm=post_norm)
     obs, pa, pr = torch.randint(0, 9, (2, 40, 2)), torch.randint(0, 6, (2, 40)), torch.rand(2, 40)
     base = m(obs, pa, pr)
     for i in (25, 5):
@@ -195,8 +196,9 @@ def test_causal_but_attends_across_episodes():
         assert (out[:, j:] - base[:, j:]).abs().amax(-1).min() > 1e-4
 
 
-def test_cache_prefill_and_steps_equal_full_forward():
-    m = _model()
+@pytest.mark.parametrize("post_norm", [True, False])
+def test_cache_prefill_and_steps_equal_full_forward(post_norm):
+    m = _model(post_norm=post_norm)
     obs, pa, pr = torch.randint(0, 9, (3, 40, 2)), torch.randint(0, 6, (3, 40)), torch.rand(3, 40)
     cache = m.new_cache(3, "cpu")
     out = [m(obs[:, :15], pa[:, :15], pr[:, :15], cache, 0)]
@@ -206,7 +208,7 @@ def test_cache_prefill_and_steps_equal_full_forward():
 
 def test_evaluation_tokens_equal_training_tokens():
     """The policy's window after an in-context rollout == the sampler's window of that history."""
-    m, task = _model(), np.array([[1, 7]])
+    m, task = _model(), np.array([[8, 4]])  # this model walks right: rewards at the wall
     for n_ep, e0 in ((2, 0), (3, 1)):                                  # (3, 1): the window slid
         policy = ad.InContextPolicy(m, ctx=2, use_cache=False, seed=5)
         ret, acts = ad.in_context_returns(policy, "darkroom", task, n_ep)
@@ -219,7 +221,7 @@ def test_evaluation_tokens_equal_training_tokens():
                 rew.append(r[0])
         h = dict(observations=np.array([[o[:20] for o in obs]]), actions=acts,
                  rewards=np.array(rew, dtype=np.float32).reshape(1, n_ep, 20))
-        assert ret.sum() == h["rewards"].sum()
+        assert ret.sum() == h["rewards"].sum() and (h["rewards"][0, :, -1] > 0).all()
         s = ad.WindowSampler(h, 2, "cpu")
         window = slice(e0 * 20, e0 * 20 + 40)
         obs, prev_a, prev_r = policy.win
@@ -247,6 +249,14 @@ def test_paper_model_size_literal():
     # FF 64*2048+2048 + 2048*64+64, two LayerNorms 2*128; head 64*5+5
     m = ad.make_model(ad.Args())
     assert sum(p.numel() for p in m.parameters()) == 1_131_717
+    blk, x = m.blocks[0].eval(), torch.randn(2, 5, 64)
+    q, k, v = blk.qkv(x).view(2, 5, 3, 4, 16).permute(2, 0, 3, 1, 4)   # by hand: 4 heads of 16
+    att = (q @ k.transpose(-1, -2) / 4.0).masked_fill(torch.ones(5, 5).triu(1).bool(), -1e9)
+    y = blk.proj((att.softmax(-1) @ v).transpose(1, 2).reshape(2, 5, 64))
+    h = blk.ln1(x + y)                                                 # post-norm: LN(x + f(x))
+    torch.testing.assert_close(blk(x), blk.ln2(h + blk.ff(h)), rtol=1e-4, atol=1e-5)
+    pre = ad.make_model(ad.Args(post_norm=False))                      # pre-norm: + a final LN
+    assert sum(p.numel() for p in pre.parameters()) == 1_131_717 + 128
     assert m.seq_len == 80 and len(m.blocks) == 4 and m.blocks[0].n_heads == 4
 
 
@@ -272,18 +282,21 @@ def test_validate_histories_named_errors():
         ad.validate_histories({**hard, "tasks": train}, args, test, "h.npz")
 
 
-TINY = ["--split", "6", "2", "--histories-per-task", "1", "--source-episodes", "16",
+TINY = ["--split", "6", "2", "--histories-per-task", "1", "--source-episodes", "32",
         "--subsample", "2", "--context-episodes", "2", "--n-layers", "1", "--n-heads", "2",
         "--d-model", "16", "--ff-dim", "32", "--batch-size", "4", "--eval-episodes", "3",
-        "--expert-episodes", "3", "--eval-every", "3", "--no-cuda", "--total-steps", "6"]
+        "--eval-every", "3", "--no-cuda", "--total-steps", "6"]
 
 
 def test_run_ctrl_c_resume_eval_only_and_held_out_evaluation(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    seen, orig_eval = [], ad.in_context_returns
+    seen, orig_eval, starts, orig = [], ad.in_context_returns, set(), ad.WindowSampler.sample
     monkeypatch.setattr(ad, "in_context_returns", lambda p, v, t, *a, **k: seen.append(
         np.array(t)) or orig_eval(p, v, t, *a, **k))
+    monkeypatch.setattr(ad.WindowSampler, "sample", lambda self, *a: starts.add(
+        (self.lo, self.hi)) or orig(self, *a))
     straight = ad.main(TINY)
+    assert starts == {(0, 14), (8, 14)}  # 16 kept episodes, windows of 2: AD all, ED the last 8
     folder = Path(straight["run_dir"])
     for f in ("in_context.csv", "in_context.md", "checkpoint.pt", "args.json", "metrics.jsonl"):
         assert (folder / f).exists()
@@ -297,7 +310,7 @@ def test_run_ctrl_c_resume_eval_only_and_held_out_evaluation(tmp_path, monkeypat
         assert {tuple(t) for t in f["tasks"].tolist()} <= {tuple(t) for t in train.tolist()}
     assert any("eval/return_mean" in json.loads(x) for x in open(folder / "metrics.jsonl"))
 
-    calls, orig = {"n": 0}, ad.WindowSampler.sample
+    calls = {"n": 0}
 
     def ctrl_c(self, *a):  # Ctrl-C during update 2 (its AD batch): the update ends, then a save
         calls["n"] += 1
