@@ -17,8 +17,8 @@ Deviations (named):
 - "sequence masking p 0.3" of the table is not implemented: the paper does not define it.
 - not in the table, ours: warm-up over 5% of the updates, 8000 updates, one AD and one ED update
   per step (equal budgets); Key-to-Door episodes last 50 steps even after the door, key != door.
-CPU run (README: time and results):
-    python ad.py --ff-dim 256 --batch-size 64 --lr 1e-3 --eval-every 0
+CPU run (README: time, and what was checked):
+    python ad.py --no-post-norm --ff-dim 256 --batch-size 64 --lr 1e-3 --total-steps 5000
 """
 from __future__ import annotations
 
@@ -225,9 +225,9 @@ def q_update(Q, s, a, r, s2) -> None:
 class HistoryError(ValueError):
     """Learning histories that cannot be distilled as they are."""
 def histories_file(args: Args) -> Path:
-    return common.data_dir() / (f"ad-{args.env}-qlearning-seed{args.seed}-split{args.split[0]}_"
-                                f"{args.split[1]}-runs{args.histories_per_task}-ep"
-                                f"{args.source_episodes}-k{args.subsample}-decay{args.q_eps_decay}.npz")
+    tag = (f"split{args.split[0]}_{args.split[1]}-runs{args.histories_per_task}"
+           f"-ep{args.source_episodes}-k{args.subsample}-decay{args.q_eps_decay}")
+    return common.data_dir() / f"ad-{args.env}-qlearning-seed{args.seed}-{tag}.npz"
 
 def validate_histories(h: dict, args: Args, test_tasks, source: str) -> dict:
     """Named errors for histories that would distill something else; returns int/float arrays."""
