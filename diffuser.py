@@ -15,7 +15,7 @@ from the last guide step (J(x_1, 0)).
 Deviations, all off by default unless said:
 - --warm-start-steps k: the paper's warm start (Sec. 5.4), absent from the official code: the
   previous plan moves one step on, is re-noised to x_k and denoised in k steps instead of T.
-- --bf16 / --compile: faster planning (and training), actions within a stated tolerance of fp32.
+- --bf16: autocast for planning and training; README gives its speed and action tolerance.
 - Both networks train in one loop (one Adam over disjoint parameters equals two Adams; batch 64
   equals the official 32 x 2 accumulation); the official code trains them in two scripts.
 - An episode without an end flag at the end of the data is kept (common.py closes it with a
@@ -130,9 +130,7 @@ def resolve(args: Args) -> Args:
     return args
 
 
-# --------------------------------------------------------------------------------------------
-# Data: windows of H steps, per-dimension Gaussian normalizer, value targets (App. C)
-# --------------------------------------------------------------------------------------------
+# ---- Data: windows of H steps, per-dimension Gaussian normalizer, value targets (App. C) ----
 class PlanDataset:
     """The official SequenceDataset / ValueDataset (use_padding): a window starts at any step
     before an episode's last one (and before max_path_length - H) and may run into zero padding;
@@ -172,9 +170,7 @@ class PlanDataset:
         return self.flat[self.starts[i, None] + self.steps], self.values[i]
 
 
-# --------------------------------------------------------------------------------------------
-# Model: temporal U-Net and value network (Sec. 3.1, Fig. 2, App. C; official models/temporal.py)
-# --------------------------------------------------------------------------------------------
+# ---- Model: temporal U-Net and value net (Sec. 3.1, Fig. 2, App. C; models/temporal.py) ----
 class TimeEmbedding(nn.Sequential):
     """Sinusoidal embedding of t -> Linear(dim, 4 dim) -> Mish -> Linear(4 dim, dim)."""
 
@@ -283,10 +279,7 @@ class ValueNet(nn.Module):
         mid = dims[-1]
         self.mid1, self.down1 = ResidualTemporalBlock(mid, mid // 2, dim), _down(mid // 2)
         self.mid2, self.down2 = ResidualTemporalBlock(mid // 2, mid // 4, dim), _down(mid // 4)
-        length = horizon
-        for _ in range(len(dim_mults) + 2):
-            length = (length + 1) // 2
-        fc = mid // 4 * length
+        fc = mid // 4 * math.ceil(horizon / 2 ** (len(dim_mults) + 2))   # C / 4 x final length
         self.head = nn.Sequential(nn.Linear(fc + dim, fc // 2), nn.Mish(), nn.Linear(fc // 2, 1))
 
     def forward(self, x, t):
@@ -312,15 +305,7 @@ def ema_decay(step: int) -> Optional[float]:
     return None if (step - 1) % EMA_EVERY else (EMA_DECAY if step - 1 >= EMA_START else 0.0)
 
 
-# --------------------------------------------------------------------------------------------
-# Gaussian diffusion (Sec. 2-3; official models/diffusion.py): cosine schedule, x0 prediction
-# --------------------------------------------------------------------------------------------
-def cosine_alphas_cumprod(T: int, s: float = 0.008) -> np.ndarray:
-    """f(t) / f(0), f(t) = cos^2((t / T + s) / (1 + s) pi / 2), t = 0..T (Nichol & Dhariwal)."""
-    f = np.cos((np.arange(T + 1) / T + s) / (1 + s) * np.pi / 2) ** 2
-    return f / f[0]
-
-
+# ---- Gaussian diffusion (Sec. 2-3; models/diffusion.py): cosine schedule, x0 prediction ----
 class Diffusion:
     """Schedule constants, q(x_t | x_0), inpainting and the two training losses.
 
@@ -328,7 +313,8 @@ class Diffusion:
     t maps x_{t+1} -> x_t; q_sample(x0, t) draws x_{t+1}; Sigma_t is the variance of that step."""
 
     def __init__(self, T: int, act_dim: int, horizon: int, transition_dim: int, device):
-        betas = np.clip(1 - (ab := cosine_alphas_cumprod(T))[1:] / ab[:-1], 0, 0.999)
+        f = np.cos((np.arange(T + 1) / T + 0.008) / 1.008 * np.pi / 2) ** 2   # cosine schedule
+        betas = np.clip(1 - f[1:] / f[:-1], 0, 0.999)      # (Nichol & Dhariwal Eq. 17), t / T
         acp = np.cumprod(1 - betas)                                   # alpha_bar of x_{t+1}
         prev = np.append(1.0, acp[:-1])                               # alpha_bar of x_t
         var = betas * (1 - prev) / (1 - acp)                          # Sigma_t (DDPM Eq. 7)
@@ -376,9 +362,7 @@ class Diffusion:
         return F.mse_loss(value(*self.noisy(x0)).float(), target)
 
 
-# --------------------------------------------------------------------------------------------
-# Planner: guided, inpainted sampling of all envs' plans in one batch (Sec. 3.2-3.3, 5.4)
-# --------------------------------------------------------------------------------------------
+# ---- Planner: guided, inpainted sampling of all envs' plans in one batch (Sec. 3.2-3.3, 5.4) ----
 class Planner:
     """policy(obs (n, obs_dim)) -> actions (n, act_dim): the first action of the best of n_plans
     plans per running env, all denoised as one batch (n_running * n_plans, H, D)."""
@@ -473,9 +457,7 @@ class Planner:
         return act
 
 
-# --------------------------------------------------------------------------------------------
-# Building, loading, evaluating, training
-# --------------------------------------------------------------------------------------------
+# ---- Building, loading, evaluating, training ----
 def build(args: Args, obs_dim: int, act_dim: int, device):
     D = obs_dim + act_dim
     model = TemporalUnet(D, args.dim, args.dim_mults, args.env == "halfcheetah").to(device)
