@@ -1,5 +1,5 @@
-"""diffuser.py: Diffuser, "Planning with Diffusion for Flexible Behavior Synthesis" (Janner, Du,
-Tenenbaum, Levine, ICML 2022, arXiv 2205.09991), official code jannerm/diffuser, in one file.
+"""diffuser.py: Diffuser (Janner et al. 2022, arXiv 2205.09991), diffusion planning with guidance.
+"Planning with Diffusion for Flexible Behavior Synthesis", ICML 2022; official: jannerm/diffuser.
 
 A plan tau = [(a_0, s_0), ..., (a_{H-1}, s_{H-1})] (H, act + obs) is denoised by a temporal U-Net
 (Sec. 3.1, Fig. 2, App. C) under a Gaussian diffusion (T = 20, cosine schedule, the network
