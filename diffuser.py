@@ -21,7 +21,7 @@ Deviations, all off by default unless said:
 - An episode without an end flag at the end of the data is kept (common.py closes it with a
   timeout); the official loader drops it.
 Quick CPU run (results in README):
-  python diffuser.py --env hopper --dim 16 --total-steps 16000 --value-total-steps 16000
+  python diffuser.py --dim 16 --total-steps 16000 --lr 5e-4 --ema-every 1 --ema-start 500
 """
 from __future__ import annotations
 
@@ -65,15 +65,15 @@ class Args:
     dim_mults: Optional[tuple[int, ...]] = None
     """channel multipliers per U-Net level (default: (1,4,8) for halfcheetah, else (1,2,4,8))"""
     total_steps: int = 1_000_000
-    """gradient steps of the diffusion model"""
-    value_total_steps: int = 200_000
-    """gradient steps of the value network (trained in the same loop, then frozen)"""
+    """gradient steps (the value net stops after 200k, as the official's)"""
     batch_size: int = 64
     """plans per gradient step"""
     lr: float = 2e-4
     """Adam learning rate of both networks"""
-    discount: float = 0.997
-    """discount of the value targets (the planner's gamma)"""
+    ema_every: int = 10
+    """update the EMA weights (used to plan) every this many steps (official 10; CPU runs: 1)"""
+    ema_start: int = 2000
+    """until this step the EMA is a plain copy of the weights (official 2000; CPU runs: 500)"""
     n_plans: int = 64
     """plans sampled per env per decision; the first action of the best is executed"""
     guide_scale: Optional[float] = None
@@ -102,7 +102,7 @@ class Args:
 
 # Official constants (config/locomotion.py, utils/training.py).
 N_DIFFUSION_STEPS, ACTION_WEIGHT, TERMINATION_PENALTY = 20, 10.0, -100.0
-EMA_DECAY, EMA_EVERY, EMA_START, LOG_EVERY = 0.995, 10, 2000, 100
+EMA_DECAY, LOG_EVERY, VALUE_STEPS, DISCOUNT = 0.995, 100, 200_000, 0.997  # gamma of J's targets
 # (guide_scale, t_stopgrad) per dataset; None: every dataset of the env. Others: (0.1, 2).
 GUIDANCE = {("halfcheetah", None): (1e-3, 4), ("hopper", "medium-expert"): (1e-4, 4)}
 # Flags that --eval-only takes from its own command line (the rest is the checkpoint's).
@@ -299,10 +299,10 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
             e.copy_(b)
 
 
-def ema_decay(step: int) -> Optional[float]:
-    """The official Trainer after update `step` (1, 2, ...): an EMA update every EMA_EVERY
-    updates starting with the first, a plain copy (decay 0) until EMA_START; None: no update."""
-    return None if (step - 1) % EMA_EVERY else (EMA_DECAY if step - 1 >= EMA_START else 0.0)
+def ema_decay(step: int, every: int, start: int) -> Optional[float]:
+    """The official Trainer after update `step` (1, 2, ...): an EMA update every `every`
+    updates starting with the first, a plain copy (decay 0) until `start`; None: no update."""
+    return None if (step - 1) % every else (EMA_DECAY if step - 1 >= start else 0.0)
 
 
 # ---- Gaussian diffusion (Sec. 2-3; models/diffusion.py): cosine schedule, x0 prediction ----
@@ -514,7 +514,7 @@ def main(argv=None) -> dict:
     data = common.load_dataset(args.env, args.dataset, path=args.dataset_path)
     args.env = data.env
     args = resolve(args)
-    ds = PlanDataset(data, args.horizon, args.discount, TERMINATION_PENALTY, device)
+    ds = PlanDataset(data, args.horizon, DISCOUNT, TERMINATION_PENALTY, device)
     model, value, diff = build(args, ds.obs_dim, ds.act_dim, device)
     model_ema, value_ema = (copy.deepcopy(m).requires_grad_(False) for m in (model, value))
     opt = torch.optim.Adam([*model.parameters(), *value.parameters()], lr=args.lr)
@@ -530,11 +530,11 @@ def main(argv=None) -> dict:
         x0, target = ds.sample(args.batch_size, gen)                 # (B, H, D), (B,)
         with torch.autocast(**amp):
             loss = diff.loss(model, x0)                              # Sec. 3.1
-            vloss = diff.value_loss(value, x0, target) if step <= args.value_total_steps else 0
+            vloss = diff.value_loss(value, x0, target) if step <= VALUE_STEPS else 0  # 200k
         opt.zero_grad(set_to_none=True)
         (loss + vloss).backward()            # disjoint parameters: one backward trains both
         opt.step()
-        if (decay := ema_decay(step)) is not None:
+        if (decay := ema_decay(step, args.ema_every, args.ema_start)) is not None:
             ema_update(model_ema, model, decay)
             ema_update(value_ema, value, decay)
         if run.every(LOG_EVERY):

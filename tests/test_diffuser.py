@@ -298,7 +298,8 @@ def test_ema_update_and_official_schedule():
     for o, e, p in zip(old, a.parameters(), b.parameters()):
         torch.testing.assert_close(e, 0.995 * o + 0.005 * p)
     # official Trainer: step_ema after updates 1, 11, 21, ...; a copy until step 2000 (0-based)
-    got = {s: D.ema_decay(s) for s in (1, 2, 10, 11, 1991, 2000, 2001, 2002, 2011)}
+    assert (D.Args().ema_every, D.Args().ema_start, D.EMA_DECAY) == (10, 2000, 0.995)
+    got = {s: D.ema_decay(s, 10, 2000) for s in (1, 2, 10, 11, 1991, 2000, 2001, 2002, 2011)}
     assert got == {1: 0.0, 2: None, 10: None, 11: 0.0, 1991: 0.0, 2000: None, 2001: 0.995,
                    2002: None, 2011: 0.995}
 
