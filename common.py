@@ -89,7 +89,7 @@ class Dataset(dict):
 def load_dataset(env: str, dataset: str = "medium", *, path=None, size=None, seed=0,
                  budget=None, verbose=True) -> Dataset:
     """D4RL arrays from the cache, else make_datasets.py reads `path` or Minari, or generates."""
-    env_id(env)
+    env.startswith(("minatar/", "atari/")) or env_id(env)  # games: make_datasets.py checks them
     cached = dataset_path(env, dataset, size, seed, budget)
     if path is None and cached.exists():  # written by make_datasets.py, validated then
         with np.load(cached) as f:
