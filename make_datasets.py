@@ -20,13 +20,16 @@ user's .npz / D4RL .hdf5 file or a local Minari dataset.
 from __future__ import annotations
 
 import argparse
+import gzip
 import multiprocessing as mp
 import os
+import re
 import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from common import (
     ENVS,
@@ -469,8 +472,354 @@ def read_minari(dataset_id: str) -> tuple[dict, str]:
     )
 
 
+# --------------------------------------------------------------------------------------
+# Games (Multi-Game DT): MinAtar data from a DQN source agent, Atari DQN-Replay files
+# --------------------------------------------------------------------------------------
+# MinAtar (Young & Tian 2019, arXiv 1903.03176): 10x10xC binary frames, 6 actions n,l,u,r,d,f in
+# every game. The environment settings below are shared with dt.py's evaluation (the contract).
+MINATAR_CHANNELS = {"asterix": 4, "breakout": 4, "freeway": 7, "seaquest": 10, "space_invaders": 6}
+MINATAR_ACTIONS = 6
+MAX_EPISODE_STEPS = 2500  # env steps; the row at the cap gets a timeout flag
+STICKY_ACTION_PROB = 0.1  # minatar.Environment's own defaults
+GAME_DATASETS = {"minatar": "dqn", "atari": "dqn-replay"}
+# DQN constants of MinAtar's examples/dqn.py (the paper's App.) unless marked
+BATCH_SIZE = 32
+REPLAY_BUFFER_SIZE = 100_000
+TARGET_NETWORK_UPDATE_FREQ = 1000  # counted in policy-network updates
+TRAINING_FREQ = 4  # deviation: MinAtar updates every frame; every 4th (Nature DQN) fits 2 CPUs
+FIRST_N_FRAMES = 100_000  # epsilon anneals linearly over these frames after the replay start
+REPLAY_START_SIZE = 5000  # uniform random actions before, no updates
+START_EPSILON = 1.0
+END_EPSILON = 0.1
+STEP_SIZE = 0.00025  # centered RMSProp: lr, momentum, alpha, eps
+GRAD_MOMENTUM = 0.95
+SQUARED_GRAD_MOMENTUM = 0.95
+MIN_SQUARED_GRAD = 0.01
+GAMMA = 0.99
+DQN_FRAMES = 500_000  # default `size`: frames of learning history (MinAtar's runs: 5M)
+EVAL_EPSILON = 0.05  # the final policy's evaluation epsilon (Nature DQN's evaluation)
+EVAL_EPISODES = 100
+
+
+def minatar_env(game: str):
+    """minatar.Environment with the contract's settings; an unknown game is a named error."""
+    if game not in MINATAR_CHANNELS:
+        raise DatasetError(
+            f"unknown MinAtar game {game!r}: use one of {', '.join(MINATAR_CHANNELS)}")
+    try:
+        import minatar
+    except ImportError as e:
+        raise ImportError("MinAtar games need the minatar package: pip install minatar") from e
+    return minatar.Environment(game, sticky_action_prob=STICKY_ACTION_PROB, difficulty_ramping=True)
+
+
+def minatar_reset(env, seed: int) -> np.ndarray:
+    """Start an episode seeded with `seed` (sticky actions start from no-op, as a new env)."""
+    env.seed(seed)
+    env.reset()
+    env.last_action = 0
+    return env.state().astype(np.uint8)
+
+
+def epsilon_at(t: int) -> float:
+    """Behaviour epsilon at frame t: 1 (uniform actions) until the replay start, then linear from
+    START_EPSILON to END_EPSILON over FIRST_N_FRAMES frames, then constant."""
+    if t < REPLAY_START_SIZE:
+        return 1.0
+    frac = min((t - REPLAY_START_SIZE) / FIRST_N_FRAMES, 1.0)
+    return START_EPSILON + frac * (END_EPSILON - START_EPSILON)
+
+
+class QNetwork(torch.nn.Module):
+    """MinAtar's DQN: conv 16 3x3 stride 1 -> ReLU -> FC 128 -> ReLU -> Q (6)."""
+
+    def __init__(self, in_channels: int, n_actions: int = MINATAR_ACTIONS):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(in_channels, 16, kernel_size=3, stride=1)
+        self.fc_hidden = torch.nn.Linear(16 * 8 * 8, 128)
+        self.output = torch.nn.Linear(128, n_actions)
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:  # (B, 10, 10, C) -> (B, n_actions)
+        x = torch.relu(self.conv(obs.permute(0, 3, 1, 2).float()))  # (B, 16, 8, 8)
+        return self.output(torch.relu(self.fc_hidden(x.flatten(1))))
+
+
+def dqn_loss(q_net, target_net, obs, actions, rewards, next_obs, terminals, gamma=GAMMA):
+    """Huber(Q(s, a), r + gamma (1 - terminal) max_a' Q_target(s', a')), batch mean."""
+    q = q_net(obs).gather(1, actions[:, None]).squeeze(1)  # (B,)
+    with torch.no_grad():
+        next_q = target_net(next_obs).max(1).values  # (B,)
+    target = rewards + gamma * (1.0 - terminals.float()) * next_q
+    return torch.nn.functional.smooth_l1_loss(q, target)
+
+
+def make_optimizer(params):
+    return torch.optim.RMSprop(params, lr=STEP_SIZE, alpha=SQUARED_GRAD_MOMENTUM, centered=True,
+                               eps=MIN_SQUARED_GRAD, momentum=GRAD_MOMENTUM)
+
+
+def _greedy(q_net, obs: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return q_net(torch.from_numpy(obs)).argmax(1).numpy()
+
+
+def evaluate_minatar(game: str, q_net, seeds, eps: float = EVAL_EPSILON, rng=None) -> np.ndarray:
+    """Episode returns, one episode per seed, all episodes stepped together; the epsilon-greedy
+    policy of q_net, or uniform random actions when q_net is None."""
+    rng = rng or np.random.default_rng(0)
+    envs = [minatar_env(game) for _ in seeds]
+    obs = np.stack([minatar_reset(e, int(s)) for e, s in zip(envs, seeds)])
+    returns, active = np.zeros(len(envs)), np.ones(len(envs), bool)
+    for _ in range(MAX_EPISODE_STEPS):
+        idx = np.flatnonzero(active)
+        acts = rng.integers(MINATAR_ACTIONS, size=len(idx))
+        if q_net is not None:
+            explore = rng.random(len(idx)) < eps
+            acts = np.where(explore, acts, _greedy(q_net, obs[idx]))
+        for i, a in zip(idx, acts):
+            r, done = envs[i].act(int(a))
+            returns[i] += r
+            obs[i] = envs[i].state()
+            active[i] = not done
+        if not active.any():
+            break
+    return returns
+
+
+def run_dqn(game: str, frames: int = DQN_FRAMES, seed: int = 0, verbose: bool = True) -> dict:
+    """Train DQN on a MinAtar game for `frames` env steps and return every transition it played
+    (the dataset "dqn": its whole learning history, exploration included), with reference scores
+    of its final policy and of uniform random actions (the same episode seeds)."""
+    env = minatar_env(game)
+    rng = np.random.default_rng(seed)  # actions, replay samples
+    seed_rng = np.random.default_rng((seed, 1))  # episode seeds
+    n_ch = MINATAR_CHANNELS[game]
+    obs = np.zeros((frames + 1, 10, 10, n_ch), np.uint8)  # row t + 1 = next state of row t
+    actions = np.zeros(frames, np.int64)
+    rewards = np.zeros(frames, np.float32)
+    terminals = np.zeros(frames, bool)
+    timeouts = np.zeros(frames, bool)
+    cut_next = {}  # next state of a timeout row (row t + 1 starts a new episode)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        q_net = QNetwork(n_ch)
+    target_net = QNetwork(n_ch)
+    target_net.load_state_dict(q_net.state_dict())
+    optimizer = make_optimizer(q_net.parameters())
+    ep_returns, ep_len, ep_ret, updates = [], 0, 0.0, 0
+    obs[0] = minatar_reset(env, int(seed_rng.integers(2**31)))
+    bar = tqdm(total=frames, desc=f"DQN {game}", unit="step", disable=not verbose, mininterval=2.0)
+    for t in range(frames):
+        if rng.random() < epsilon_at(t):
+            a = int(rng.integers(MINATAR_ACTIONS))
+        else:
+            a = int(_greedy(q_net, obs[t : t + 1])[0])
+        r, term = env.act(a)
+        ep_len += 1
+        ep_ret += r
+        actions[t], rewards[t], terminals[t] = a, r, term
+        timeouts[t] = not term and (ep_len == MAX_EPISODE_STEPS or t == frames - 1)
+        if term or timeouts[t]:
+            if timeouts[t]:
+                cut_next[t] = env.state()
+            ep_returns.append(ep_ret)
+            ep_len, ep_ret = 0, 0.0
+            obs[t + 1] = minatar_reset(env, int(seed_rng.integers(2**31)))
+            bar.set_postfix(episodes=len(ep_returns), last100=f"{np.mean(ep_returns[-100:]):.2f}")
+        else:
+            obs[t + 1] = env.state()
+        if t > REPLAY_START_SIZE and t % TRAINING_FREQ == 0:  # the replay: the last 100k rows
+            lo = max(0, t + 1 - REPLAY_BUFFER_SIZE)
+            idx = lo + rng.choice(t + 1 - lo, BATCH_SIZE, replace=False)
+            nxt = obs[idx + 1]
+            for j in np.flatnonzero(timeouts[idx]):
+                nxt[j] = cut_next[int(idx[j])]
+            loss = dqn_loss(q_net, target_net, torch.from_numpy(obs[idx]),
+                            torch.from_numpy(actions[idx]), torch.from_numpy(rewards[idx]),
+                            torch.from_numpy(nxt), torch.from_numpy(terminals[idx]))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            updates += 1
+            if updates % TARGET_NETWORK_UPDATE_FREQ == 0:
+                target_net.load_state_dict(q_net.state_dict())
+        bar.update(1)
+    bar.close()
+    eval_seeds = np.random.default_rng((seed, 2)).integers(2**31, size=EVAL_EPISODES)
+    expert = evaluate_minatar(game, q_net, eval_seeds, rng=np.random.default_rng((seed, 3)))
+    random = evaluate_minatar(game, None, eval_seeds, rng=np.random.default_rng((seed, 4)))
+    return dict(
+        observations=obs[:frames], actions=actions, rewards=rewards, terminals=terminals,
+        timeouts=timeouts, source_step=np.arange(frames, dtype=np.int64),
+        ref_random=np.array(random.mean()), ref_expert=np.array(expert.mean()),
+    )
+
+
+# Atari-57 (random, human) scores, as in DQN Zoo's atari_data.py (Pong's human score is 14.6 there,
+# the Nature DQN table has 9.3). Held-out games of MGDT (Sec. 4.5) first, then common ones.
+ATARI_SCORES = {
+    "Alien": (227.8, 7127.7), "MsPacman": (307.3, 6951.6), "Pong": (-20.7, 14.6),
+    "SpaceInvaders": (148.0, 1668.7), "StarGunner": (664.0, 10250.0),
+    "Asterix": (210.0, 8503.3), "BeamRider": (363.9, 16926.5), "Breakout": (1.7, 30.5),
+    "Enduro": (0.0, 860.5), "Freeway": (0.0, 29.6), "Qbert": (163.9, 13455.0),
+    "Seaquest": (68.4, 42054.7),
+}
+ATARI_ACTIONS = 18
+REPLAY_FILES = ("observation", "action", "reward", "terminal")
+
+
+def atari_game(game: str) -> str:
+    if game not in ATARI_SCORES:
+        raise DatasetError(
+            f"unknown Atari game {game!r}: known {', '.join(ATARI_SCORES)}; for another game add "
+            f"its (random, human) scores to make_datasets.ATARI_SCORES")
+    return game
+
+
+def minimal_action_set(game: str) -> np.ndarray:
+    """ALE's minimal action set of a game, in ALE's full 18-action numbering (the actions
+    Dopamine's agents index)."""
+    try:
+        import ale_py
+    except ImportError as e:
+        raise ImportError("Atari games need ale-py: pip install ale-py") from e
+    rom = ale_py.roms.get_rom_path(re.sub(r"(?<!^)(?=[A-Z])", "_", atari_game(game)).lower())
+    ale_py.ALEInterface.setLoggerMode(ale_py.LoggerMode.Error)
+    ale = ale_py.ALEInterface()
+    ale.loadROM(rom)
+    return np.array([a.value for a in ale.getMinimalActionSet()], np.int64)
+
+
+def read_dqn_replay(path, game: str, checkpoints=None, size=None) -> dict:
+    """Dopamine replay files ($store$_<name>_ckpt.<i>.gz, gzipped .npy) as a game dataset:
+    checkpoints in order (all, or the listed ones; the first `size` rows), one 84x84 frame per
+    row, minimal-set actions mapped to the full set, an episode cut at each checkpoint's end."""
+    d = Path(path)
+    if not d.is_dir():
+        raise DatasetError(f"DQN-Replay directory {d} does not exist (pass a replay_logs folder)")
+    found = sorted(int(p.name.split(".")[-2]) for p in d.glob("$store$_observation_ckpt.*.gz"))
+    ckpts = found if checkpoints is None else list(checkpoints)
+    if not ckpts:
+        raise DatasetError(f"{d}: no $store$_observation_ckpt.<i>.gz files; is it a Dopamine "
+                           f"replay_logs directory?")
+    names = [f"$store$_{k}_ckpt.{i}.gz" for i in ckpts for k in REPLAY_FILES]
+    if missing := [n for n in names if not (d / n).is_file()]:
+        raise DatasetError(f"{d}: missing replay file(s) {', '.join(missing)}")
+    minimal = minimal_action_set(game)
+    parts, rows = [], 0
+    for i in ckpts:
+        if size is not None and rows >= size:
+            break
+        z = {}
+        for k in REPLAY_FILES:
+            try:
+                with gzip.open(d / f"$store$_{k}_ckpt.{i}.gz") as f:
+                    z[k] = np.load(f, allow_pickle=False)
+            except (OSError, ValueError, EOFError) as e:
+                raise DatasetError(f"{d}: $store$_{k}_ckpt.{i}.gz is not a gzipped .npy ({e})")
+        if len({len(v) for v in z.values()}) != 1:
+            lengths = {k: len(v) for k, v in z.items()}
+            raise DatasetError(f"{d}: checkpoint {i} has mismatched lengths {lengths}")
+        if z["observation"].shape[1:] != (84, 84):
+            raise DatasetError(f"{d}: checkpoint {i} observations have shape "
+                               f"{z['observation'].shape}, not (N, 84, 84) grayscale frames")
+        if (z["action"] < 0).any() or (z["action"] >= len(minimal)).any():
+            raise DatasetError(f"{d}: checkpoint {i} has actions outside {game}'s minimal set "
+                               f"of {len(minimal)}; is it a replay of another game?")
+        n = len(z["action"]) if size is None else min(len(z["action"]), size - rows)
+        term = z["terminal"][:n] != 0
+        parts.append(dict(
+            observations=z["observation"][:n, :, :, None].astype(np.uint8),
+            actions=minimal[z["action"][:n].astype(np.int64)],
+            rewards=z["reward"][:n].astype(np.float32), terminals=term,
+            timeouts=(np.arange(n) == n - 1) & ~term[-1],
+            source_step=i * len(z["action"]) + np.arange(n, dtype=np.int64)))
+        rows += n
+    data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    lo, hi = ATARI_SCORES[game]
+    return dict(data, ref_random=np.array(lo), ref_expert=np.array(hi))
+
+
+def validate_game_data(data: dict, env: str, source: str = "dataset") -> dict:
+    """The contract's arrays, dtypes and shapes, finite rewards, 0 / 1 flags, a last-row end."""
+    family, game = env.split("/", 1)
+    keys = ("observations", "actions", "rewards", "terminals", "timeouts", "source_step",
+            "ref_random", "ref_expert")
+    if missing := [k for k in keys if k not in data]:
+        raise DatasetError(f"{source}: missing key(s) {missing}; a game dataset has {list(keys)}")
+    obs, n = data["observations"], len(data["rewards"])
+    frame = (10, 10, MINATAR_CHANNELS[game]) if family == "minatar" else (84, 84, 1)
+    if n == 0 or obs.dtype != np.uint8 or obs.shape != (n, *frame):
+        raise DatasetError(f"{source}: observations are {obs.dtype} {obs.shape}, not uint8 "
+                           f"({n}, {', '.join(map(str, frame))}) for {env}")
+    for k, dt in (("actions", np.int64), ("rewards", np.float32), ("terminals", np.bool_),
+                  ("timeouts", np.bool_), ("source_step", np.int64)):
+        if data[k].dtype != dt or data[k].shape != (n,):
+            raise DatasetError(f"{source}: {k} are {data[k].dtype} {data[k].shape}, not "
+                               f"{np.dtype(dt)} ({n},)")
+    n_act = MINATAR_ACTIONS if family == "minatar" else ATARI_ACTIONS
+    if data["actions"].min() < 0 or data["actions"].max() >= n_act:
+        raise DatasetError(f"{source}: actions outside 0..{n_act - 1} (the full action set)")
+    if not np.isfinite(data["rewards"]).all():
+        raise DatasetError(f"{source}: rewards are NaN or inf")
+    if not (data["terminals"][-1] or data["timeouts"][-1]):
+        raise DatasetError(f"{source}: the last row ends no episode (set its timeout)")
+    if (np.diff(data["source_step"]) <= 0).any():
+        raise DatasetError(f"{source}: source_step is not increasing (rows out of order)")
+    lo, hi = (np.asarray(data[k]) for k in ("ref_random", "ref_expert"))
+    if lo.shape or hi.shape or not np.isfinite([lo, hi]).all():
+        raise DatasetError(f"{source}: ref_random / ref_expert are {lo} / {hi}, not finite scalars")
+    if hi <= lo:  # tiny test runs can get here; normalized scores would be meaningless
+        print(f"[seqrl] warning: {source}: ref_expert {hi} <= ref_random {lo}; scores normalized "
+              f"with them divide by {hi - lo}")
+    return {k: data[k] for k in keys} | dict(ref_random=lo.astype(np.float64),
+                                             ref_expert=hi.astype(np.float64))
+
+
+def game_summary(env: str, data: dict) -> str:
+    rows = {k: v for k, v in data.items() if np.ndim(v)}  # split_episodes takes row arrays only
+    rets = np.array([ep["rewards"].sum() for ep in split_episodes(rows)])
+    k = max(1, len(rets) // 10)
+    return (f"[seqrl] {env}: {len(rets)} episodes, {len(data['rewards'])} rows, return mean "
+            f"{rets.mean():.2f} (first 10% of episodes {rets[:k].mean():.2f}, last 10% "
+            f"{rets[-k:].mean():.2f}), ref_random {float(data['ref_random']):.2f}, ref_expert "
+            f"{float(data['ref_expert']):.2f}")
+
+
+def prepare_game(env, dataset, path=None, size=None, seed=0, budget=None, verbose=True):
+    """prepare() for "minatar/<game>" (generated, cached) and "atari/<Game>" (read from `path`)."""
+    family, game = env.split("/", 1)
+    if family not in GAME_DATASETS or dataset != GAME_DATASETS[family]:
+        raise DatasetError(f"{env}: the game datasets are " + ", ".join(
+            f"{f}/<game> {d!r}" for f, d in GAME_DATASETS.items()) + f", not {dataset!r}")
+    if budget is not None:
+        raise DatasetError(f"{env}: budget is ARS's (MuJoCo); set the game data's size instead")
+    if family == "atari":
+        atari_game(game)
+        if path is None:
+            raise DatasetError(f"{env}: pass the DQN-Replay directory (path= / --dataset-path)")
+        data = validate_game_data(read_dqn_replay(path, game, size=size), env, str(path))
+    else:
+        minatar_env(game)
+        if path is not None:
+            return validate_game_data(read_npz(path), env, str(path)), env
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # tiny nets; one thread also makes the data thread-independent
+        try:
+            data = run_dqn(game, size or DQN_FRAMES, seed, verbose)
+        finally:
+            torch.set_num_threads(threads)
+        data = validate_game_data(data, env, f"{env} {dataset}")
+        save_npz(dataset_path(env, dataset, size, seed, budget), data)
+    if verbose:
+        print(game_summary(env, data), flush=True)
+    return data, env
+
+
 def prepare(env, dataset, path=None, size=None, seed=0, budget=None, verbose=True):
     """What common.load_dataset asks for when the cache misses: (validated arrays, env)."""
+    if env.startswith(("minatar/", "atari/")):
+        return prepare_game(env, dataset, path, size, seed, budget, verbose)
     if path is not None:
         if not Path(path).is_file():
             raise DatasetError(f"dataset file {path} does not exist")
@@ -507,16 +856,45 @@ def dataset_summary(env: str, name: str, data: dict) -> str:
     )
 
 
+def _generate_game(job: tuple) -> str:
+    """One game's dataset in a worker process (one torch thread); returns its summary line."""
+    env, dataset, size, seed, verbose = job
+    t0 = time.time()
+    data = load_dataset(env, dataset, size=size, seed=seed, verbose=verbose)
+    return f"{game_summary(env, data)}, {(time.time() - t0) / 60:.1f} min"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--env", default="hopper", help=f"one of {', '.join(ENVS)}")
-    parser.add_argument("--dataset", default="medium", help=f"one of {', '.join(DATASETS)}")
-    parser.add_argument("--size", type=int, default=None, help="transitions (default 1M, as D4RL)")
+    parser.add_argument("--env", default="hopper", help=f"one of {', '.join(ENVS)}, minatar/<game> "
+                        f"(minatar/all: the five), atari/<Game> (with --dataset-path)")
+    parser.add_argument("--dataset", default=None, help=f"one of {', '.join(DATASETS)} (default "
+                        f"medium); dqn for minatar/, dqn-replay for atari/")
+    parser.add_argument("--dataset-path", default=None, help="atari/: a DQN-Replay directory")
+    parser.add_argument("--size", type=int, default=None, help="transitions (default 1M, as D4RL; "
+                        f"minatar: {DQN_FRAMES} DQN frames; atari: all checkpoints' rows)")
     parser.add_argument("--seed", type=int, default=0, help="generation seed")
     parser.add_argument("--budget", type=int, default=None, help="ARS env steps (default per env)")
+    parser.add_argument("--workers", type=int, default=1, help="minatar/all: games in parallel")
     args = parser.parse_args(argv)
+    family = args.env.split("/")[0] if "/" in args.env else None
+    args.dataset = args.dataset or GAME_DATASETS.get(family, "medium")
+    t0 = time.time()
+    if family in GAME_DATASETS:
+        games = list(MINATAR_CHANNELS) if args.env == "minatar/all" else [args.env.split("/")[1]]
+        if family == "atari":
+            data, _ = prepare_game(args.env, args.dataset, args.dataset_path, args.size, args.seed)
+            save_npz(file := dataset_path(args.env, args.dataset, args.size, args.seed), data)
+            print(f"[seqrl] {file}")
+            return
+        jobs = [(f"minatar/{g}", args.dataset, args.size, args.seed, True) for g in games]
+        with mp.get_context("spawn").Pool(min(args.workers, len(jobs))) as pool:
+            for line in pool.imap(_generate_game, jobs):
+                print(line, flush=True)
+        print(f"[seqrl] {data_dir()}; done in {time.time() - t0:.1f} s")
+        return
     if args.env not in ENVS:
         parser.error(f"--env {args.env!r}: generation supports {', '.join(ENVS)}")
     if args.dataset not in DATASETS:
