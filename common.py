@@ -1,7 +1,5 @@
 """common.py, what every seqrl file shares: envs, D4RL scores, datasets, episodes, vectorized
 evaluation, flags from `@dataclass Args`, and `Run` (run folder, logs, resume, checkpoints)."""
-from __future__ import annotations
-
 import argparse
 import ast
 import dataclasses
@@ -18,6 +16,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 ENVS = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
@@ -101,8 +100,7 @@ def load_dataset(env: str, dataset: str = "medium", *, path=None, size=None, see
             raise DatasetError(f"{path or dataset} is not in the cache {data_dir()}; generating or "
                                f"reading data needs make_datasets.py beside common.py") from None
         raw, env = make_datasets.prepare(env, dataset, path, size, seed, budget, verbose)
-    out = Dataset(raw)
-    out.env = env
+    (out := Dataset(raw)).env = env
     return out
 
 def evaluate(policy, env: str, n_episodes=10, seed=0, max_steps=None, progress=True, dataset=None):
@@ -112,8 +110,7 @@ def evaluate(policy, env: str, n_episodes=10, seed=0, max_steps=None, progress=T
                                     autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
     obs, _ = envs.reset(seed=[seed + i for i in range(n_episodes)])
     getattr(policy, "reset", lambda n: None)(n_episodes)
-    returns, lengths = np.zeros(n_episodes), np.zeros(n_episodes, int)
-    active = np.ones(n_episodes, bool)
+    returns, lengths, active = np.zeros(n := n_episodes), np.zeros(n, int), np.ones(n, bool)
     limit = max_steps or envs.envs[0].spec.max_episode_steps or 10**6
     with tqdm(total=n_episodes * limit, desc="eval", unit="step", disable=not progress) as bar:
         for _ in range(limit):
@@ -137,33 +134,27 @@ def parse_args(cls, argv=None):
     body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
     docs = {a.target.id: " ".join(b.value.value.split()) for a, b in zip(body, body[1:])
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr)}
-    doc = (inspect.getmodule(cls).__doc__ or "").split("\n")[0]
-    parser = argparse.ArgumentParser(description=doc,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=(inspect.getmodule(cls).__doc__ or "").split(
+        "\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(cls):
         typ = typing.get_type_hints(cls)[f.name]
         if type(None) in typing.get_args(typ):  # Optional[X] -> X
             typ = next(a for a in typing.get_args(typ) if a is not type(None))
         kw = dict(default=f.default, help=docs.get(f.name, " ").replace("%", "%%"), dest=f.name)
-        if typ is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(typ) in (tuple, list):
-            kw.update(nargs="+", type=typing.get_args(typ)[0])
-        else:
-            kw["type"] = typ
+        seq = typing.get_origin(typ) in (tuple, list)  # tuple[int, ...]: --flag 1 2 3
+        kw.update(dict(action=argparse.BooleanOptionalAction) if typ is bool else
+                  dict(nargs="+" if seq else None, type=typing.get_args(typ)[0] if seq else typ))
         parser.add_argument("--" + f.name.replace("_", "-"), **kw)
     parser.add_argument("--wandb-project", help="wandb project (with --track)")
     parser.add_argument("--wandb-entity", help="wandb entity (with --track)")
     values = vars(parser.parse_args(argv))
-    for key in ("wandb_project", "wandb_entity"):  # wandb reads WANDB_PROJECT, WANDB_ENTITY
-        if value := values.pop(key):
-            os.environ[key.upper()] = value
+    os.environ.update({k.upper(): v for k in ("wandb_project", "wandb_entity")  # wandb's own
+                       if (v := values.pop(k))})
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    for seed_fn in (random.seed, np.random.seed, torch.manual_seed):
+        seed_fn(seed)
 
 def get_device(cuda: bool = True) -> torch.device:
     return torch.device("cuda" if cuda and torch.cuda.is_available() else "cpu")
@@ -198,16 +189,18 @@ def load_checkpoint(path, algo: str | None = None) -> dict:
 
 class Run:
     """runs/{env}__{exp_name}__{seed}__{time}/ (args.json, metrics.jsonl, TensorBoard, wandb), bar,
-    --resume, checkpoints: Run(args, "dt", model=m, optimizer=o, sampler=generator); `for step in
-    run.loop(total):` update, run.log(...), run.save(); run.finish(). Keyword objects are saved by
-    state_dict() (a Generator: get_state()) and restored on --resume; `extra` (or a function giving
-    it) is saved as is. Ctrl-C: the update in flight ends, a checkpoint is saved, exit 130."""
+    --resume, checkpoints: Run(args, "dt", model=m, sampler=generator, ...); `for step in run.loop(
+    total):` update, run.log(...), run.save(); run.finish(). Objects: saved by state_dict() (a
+    Generator: get_state()), restored on --resume; `extra` (or a function giving it): as is. Ctrl-C:
+    saved, exit 130. torchrun: every rank calls it all; rank 0 writes; ranks stop at one step."""
 
     def __init__(self, args, algo: str, extra=None, **objects):
         self.args, self.algo, self.extra, self.objects = args, algo, extra, objects
         self.step, self.total, self.saved, self.stop, self.bar = 0, 0, -1, False, tqdm(disable=True)
+        self.rank = int(os.environ.get("RANK", 0))  # torchrun's: rank 0 alone writes
         if getattr(args, "resume", None):  # every object's state, the RNGs and the step
             self.dir, ckpt = Path(args.resume).parent, load_checkpoint(args.resume, algo)
+            ckpt.update((ranks := ckpt.pop("ranks", [{}]))[self.rank % len(ranks)])  # torchrun's
             for name, obj in objects.items():
                 if not isinstance(obj, torch.Generator):
                     obj.load_state_dict(ckpt[name])
@@ -224,16 +217,18 @@ class Run:
             name = f"{tag.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"
             self.dir = next(d for i in range(10**4) if not (d := Path("runs") / (
                 name + (f"-{i}" if i else ""))).exists())  # unique within one second too
-            self.dir.mkdir(parents=True)
-        cfg = dataclasses.asdict(args)
-        (self.dir / "args.json").write_text(json.dumps(cfg, indent=1))
-        self.tb = self.wandb = None
-        if getattr(args, "tensorboard", False):
+            self.rank or self.dir.mkdir(parents=True)
+        if dist.is_initialized():  # every rank learns rank 0's folder
+            dist.broadcast_object_list(names := [self.dir], src=0)
+            self.dir = names[0]
+        cfg, self.tb, self.wandb = dataclasses.asdict(args), None, None
+        self.rank or (self.dir / "args.json").write_text(json.dumps(cfg, indent=1))
+        if getattr(args, "tensorboard", False) and self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter  # needs: pip install tensorboard
             self.tb = SummaryWriter(str(self.dir))
             self.tb.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(
                 f"|{k}|{v}|" for k, v in cfg.items()))
-        if getattr(args, "track", False):
+        if getattr(args, "track", False) and self.rank == 0:
             import wandb  # pip install wandb
             self.wandb = wandb.init(name=self.dir.name, id=self.dir.name, config=cfg,
                                     dir=str(self.dir), resume="allow")
@@ -241,21 +236,27 @@ class Run:
 
     def save(self) -> Path:
         extra = self.extra() if callable(self.extra) else self.extra or {}
-        state = dict(algo=self.algo, args=dataclasses.asdict(self.args), step=self.step,
-                     rng=rng_state(), **extra)
-        for k, obj in self.objects.items():
-            state[k] = obj.get_state() if isinstance(obj, torch.Generator) else obj.state_dict()
-        atomic_write(self.dir / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
+        rng = dict(rng=rng_state(), **{k: o.get_state() for k, o in self.objects.items()
+                                        if isinstance(o, torch.Generator)})  # random streams
+        state = dict(algo=self.algo, args=dataclasses.asdict(self.args), step=self.step, **extra,
+                     **rng, **{k: o.state_dict() for k, o in self.objects.items() if k not in rng})
+        if dist.is_initialized():  # every rank's random streams (so every rank calls save)
+            dist.all_gather_object(ranks := [None] * dist.get_world_size(), rng)
+            state["ranks"] = ranks
+        self.rank or atomic_write(self.dir / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
         self.saved = self.step
         return self.dir / "checkpoint.pt"
 
     def loop(self, total: int):
         """Yields step = 1 .. total (continuing after run.step), with the bar and Ctrl-C."""
-        self.total = total
-        self.bar = tqdm(total=total, initial=self.step, desc=self.algo, unit="upd")
+        self.total, self.bar = total, tqdm(total=total, initial=self.step, desc=self.algo,
+                                           unit="upd", disable=self.rank > 0)
         old = signal.signal(signal.SIGINT, self.interrupt)  # main thread only, as Python's own
         try:
             while self.step < total:
+                if dist.is_initialized():  # any rank's Ctrl-C stops every rank at this step
+                    dist.all_gather_object(stops := [None] * dist.get_world_size(), self.stop)
+                    self.stop = any(stops)
                 if self.stop:
                     print(f"\n[seqrl] interrupted: saved {self.save()}; continue with --resume")
                     raise SystemExit(130)
@@ -268,13 +269,16 @@ class Run:
 
     def interrupt(self, signum, frame):
         self.stop = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C aborts
+        # a second Ctrl-C aborts; not under torchrun: its agent repeats one (and kills after 30 s)
+        dist.is_initialized() or signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def every(self, n: int) -> bool:
         return n > 0 and (self.step % n == 0 or self.step == self.total)
 
     def log(self, **metrics) -> None:
         """One metrics.jsonl line (+ TensorBoard / wandb); losses/* also get charts/SPS."""
+        if self.rank > 0:
+            return
         now, rec = time.time(), {k: torch.as_tensor(v).item() for k, v in metrics.items()}
         if any(k.startswith("losses/") for k in rec) and self.step > self.sps[0]:
             rec["charts/SPS"] = (self.step - self.sps[0]) / max(now - self.sps[1], 1e-9)
@@ -283,18 +287,14 @@ class Run:
             f.write(json.dumps({"step": self.step, "time": now, **rec}) + "\n")
         for k, v in rec.items() if self.tb else ():  # TensorBoard, when on
             self.tb.add_scalar(k, v, self.step)
-        if self.wandb:
-            self.wandb.log(rec, step=self.step)
+        self.wandb and self.wandb.log(rec, step=self.step)
         self.bar.set_postfix({k.split("/")[-1]: f"{v:.4g}" for k, v in rec.items()
                               if k.startswith("losses/") or k == "eval/normalized_score"})
 
     def finish(self) -> Path:
         """The last checkpoint (unless just saved); loggers closed; returns the run folder."""
-        if self.saved != self.step:
-            self.save()
-        if self.tb:
-            self.tb.close()
-        if self.wandb:
-            self.wandb.finish()
-        print(f"[seqrl] run folder {self.dir}")
+        self.saved == self.step or self.save()
+        self.tb and self.tb.close()
+        self.wandb and self.wandb.finish()
+        self.rank or print(f"[seqrl] run folder {self.dir}")
         return self.dir
