@@ -1,26 +1,24 @@
-"""Decision Transformer (Chen et al. 2021, arXiv 2106.01345) + Multi-Game DT returns (Lee et al.
-2022, arXiv 2205.15241): a causal GPT over interleaved (R_t, s_t, a_t) tokens, trained offline on
-D4RL-style data (DT Sec. 3), rolled out return-conditioned (DT Algorithm 1) on DT Sec. 4.2's tasks.
-Defaults are the official gym code's (kzl/decision-transformer: experiment.py, seq_trainer.py).
-`--return-bins N` is MGDT's return model: per step (s_t, R_t, a_t) (Sec. 3.1), returns as N
-discrete tokens (Sec. 3.2), R_t sampled at every step by expert action inference (Sec. 3.4).
+"""Decision Transformer (Chen et al. 2021, arXiv 2106.01345) and Multi-Game Decision Transformer
+(Lee et al. 2022, arXiv 2205.15241). DT: a causal GPT over (R_t, s_t, a_t) tokens trained offline
+on D4RL-style data (Sec. 3), rolled out return-conditioned (Algorithm 1) on Sec. 4.2's tasks, with
+the official gym code's defaults (kzl/decision-transformer). MGDT (--env minatar/<game>+..., or
+atari/<Game>): one model on several games' images, per step [patches of o_t, R_t, a_t, r_t] as
+discrete tokens (Sec. 3.1-3.2), expert action inference (Sec. 3.4), fine-tuning (Sec. 4.5).
 
 Named deviations (and why):
-  * Right padding: a short window's pads follow its real steps, so SDPA's is_causal needs no mask
-    (official: left padding + attention mask); real steps' predictions are equal (tested).
-  * Gymnasium v5 MuJoCo and the ARS datasets of make_datasets.py (D4RL's SAC data is not
-    installable offline): scores are "D4RL-normalized".
-  * MGDT bins for continuous returns: N uniform bins over the dataset's [min, max] scaled
-    return-to-go, the top edge in bin N - 1 (MGDT: Atari integers -20..100, bin size 1, Sec. 3.2);
-    the expert term of Sec. 3.4 is taken at each bin's centre.
-  * MGDT here keeps DT's continuous actions (tanh + MSE, not MGDT's discrete cross-entropy) and
-    has no reward token: MSE ~0.01 next to a return cross-entropy ~4, so --return-loss-weight
-    (default 1, the paper's plain sum) can rebalance them.
-  * MGDT draws one R_t from the Sec. 3.4 distribution (the released colab keeps the best of 128
-    draws at temperature 0.75).
+  * Right padding: a short window's pads follow its real steps, so causal attention needs no
+    padding mask (official DT: left padding + mask); real steps' outputs are equal (tested).
+  * DT: Gymnasium v5 MuJoCo and make_datasets.py's ARS data (D4RL's are not installable
+    offline): scores are "D4RL-normalized". MGDT: MinAtar DQN data (Atari needs DQN-Replay files).
+  * MGDT returns: 121 classes clip(int(R), -20, 100) + 20 (the official 120 leave R >= 100 out).
+  * MGDT conditions on R_t at every step (Sec. 3; the released model masks all but the first).
+  * MinAtar: 5x5 patches (2x2 grid), channels zero-padded to seaquest's 10 (one patch embedding
+    for all games), values 0/1 taken as they are (Atari frames / 255 as the official code).
+  * --expert-kappa 0 draws R_t once from P(R_t) (plain sampling); kappa > 0 is the official
+    best-of-128 draws at temperature 0.75 of the kappa-tilted distribution.
 
-    python dt.py --env hopper                    # paper config: 100k updates on hopper/medium
-    python dt.py --env hopper --return-bins 120  # Multi-Game DT return head + expert inference
+    python dt.py --env hopper                    # DT paper config: 100k updates on hopper/medium
+    python dt.py --env minatar/asterix+minatar/breakout+minatar/freeway+minatar/seaquest
 """
 from __future__ import annotations
 
@@ -32,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 import common
 
@@ -44,7 +43,16 @@ MAX_EP_LEN = 1000      # timestep-embedding size; later steps use the last row (
 WEIGHT_DECAY = 1e-4
 GRAD_CLIP = 0.25
 LOG_EVERY = 100        # updates between loss logs
-
+# MGDT (Sec. 3.2 and the official colab): return classes, reward classes (0 none, 1 positive,
+# 2 episode end (never produced), 3 negative), expert-inference and action sampling constants.
+RETURN_MIN, RETURN_MAX = -20, 100
+N_RETURNS, N_REWARDS = RETURN_MAX - RETURN_MIN + 1, 4
+RETURN_SAMPLES, RETURN_TEMPERATURE, ACTION_TOP_PERCENTILE = 128, 0.75, 50
+MINATAR_GAMES = ("asterix", "breakout", "freeway", "seaquest", "space_invaders")
+MAX_EPISODE_STEPS = 2500  # MinAtar evaluation cap (the data contract, make_datasets.py)
+# family: frame H, W, channels, patch size, actions (one set for all games), pixel scale, step cap
+GAME_SPEC = {"minatar": (10, 10, 10, 5, 6, 1.0, MAX_EPISODE_STEPS),
+             "atari": (84, 84, 1, 14, 18, 255.0, 27_000)}  # Atari: 108k frames / frame skip 4
 
 @dataclass
 class Args:
@@ -59,23 +67,24 @@ class Args:
     tensorboard: bool = False
     """log to TensorBoard (needs tensorboard)"""
     env: str = "hopper"
-    """environment: hopper, halfcheetah, walker2d (Gymnasium v5) or a Gymnasium id"""
-    dataset: str = "medium"
-    """random, medium, medium-replay, expert, medium-expert, or a Minari id"""
+    """hopper, halfcheetah, walker2d (Gymnasium v5), a Gymnasium id, or games for MGDT:
+    minatar/<game> or atari/<Game>, several of one family joined by + (one model for all)"""
+    dataset: Optional[str] = None
+    """random, medium (default), medium-replay, expert, medium-expert, a Minari id; games: dqn"""
     dataset_path: Optional[str] = None
-    """read the dataset from this .npz / D4RL .hdf5 file instead"""
+    """read the dataset from this .npz / D4RL .hdf5 file (games: a DQN-Replay folder) instead"""
     total_steps: int = 100_000
     """gradient updates (official: 10 iterations x 10k steps)"""
     batch_size: int = 64
-    """windows per update"""
+    """windows per update (games: each window's game drawn uniformly)"""
     lr: float = 1e-4
     """AdamW learning rate (weight decay 1e-4)"""
     eval_every: int = 10_000
     """evaluate and checkpoint every this many updates; the last evaluation is the reported one"""
     eval_episodes: int = 100
-    """evaluation episodes per target return, run at once (vectorized)"""
+    """evaluation episodes per target return (games: per game), run at once (vectorized)"""
     eval_max_steps: Optional[int] = None
-    """cap on evaluation episode length (default: the env's limit, 1000)"""
+    """cap on evaluation episode length (default: the env's limit; MinAtar 2500 steps)"""
     bf16: bool = False
     """bfloat16 autocast for training and evaluation (fp32 is the paper's)"""
     resume: Optional[str] = None
@@ -83,11 +92,12 @@ class Args:
     eval_only: bool = False
     """only evaluate --checkpoint (the architecture comes from the checkpoint)"""
     checkpoint: Optional[str] = None
-    """checkpoint to evaluate with --eval-only"""
+    """checkpoint to evaluate with --eval-only; without it: fine-tune its weights (Sec. 4.5)"""
     target_returns: Optional[tuple[float, ...]] = None
-    """returns to condition on at evaluation (default: the official ones, hopper 3600 1800)"""
-    context_len: int = 20
-    """K, timesteps in the context (3K tokens)"""
+    """returns to condition on (DT default: the official ones, hopper 3600 1800); games: one per
+    game (or one for all) replaces expert inference by return-conditioned DT"""
+    context_len: Optional[int] = None
+    """K, timesteps in the context (default: DT 20, MGDT 4 as the paper)"""
     embed_dim: int = 128
     """d, the transformer width"""
     n_layer: int = 3
@@ -95,34 +105,37 @@ class Args:
     n_head: int = 1
     """attention heads"""
     dropout: float = 0.1
-    """dropout on embeddings, attention weights and residual branches"""
+    """dropout on embeddings (DT), attention weights and residual branches"""
     warmup_steps: int = 10_000
     """linear learning-rate warmup, then constant"""
-    return_bins: int = 0
-    """Multi-Game DT: number of return bins (0 = DT's continuous return token)"""
     expert_kappa: float = 10.0
     """MGDT expert inference: kappa in log P(R) + kappa (R - R_low) / (R_high - R_low) (Sec. 3.4)"""
-    return_loss_weight: float = 1.0
-    """MGDT: weight of the return cross-entropy next to the action MSE (1 = the plain sum)"""
-
+    data_fraction: float = 1.0
+    """games: train on this fraction of each game's episodes (a seeded random subset; Sec. 4.5)"""
 
 # ---- data (DT Sec. 3 "Training"; official experiment.py get_batch)
-class ReturnBins:
-    """MGDT return tokens (Sec. 3.2) for continuous returns: N uniform bins over [lo, hi] of the
-    scaled returns-to-go; R == hi falls in bin N - 1, values outside clamp to the edge bins."""
+class Episodes:
+    """Episode bookkeeping of a flat dataset on the device, and its window sampler."""
 
-    def __init__(self, lo: float, hi: float, n: int):
-        if not hi > lo:
-            raise ValueError(f"return bins need R_high > R_low, got [{lo}, {hi}]: the dataset's "
-                             f"returns-to-go are constant; use --return-bins 0")
-        self.lo, self.hi, self.n = float(lo), float(hi), int(n)
+    def __init__(self, lengths, device, probs=None):
+        """probs: of each episode (default: in proportion to its length, DT)."""
+        self.lengths = torch.as_tensor(lengths, device=device)                     # (episodes,)
+        self.starts = torch.as_tensor(np.concatenate([[0], np.cumsum(lengths)[:-1]]), device=device)
+        probs = lengths / lengths.sum() if probs is None else probs
+        self.probs = torch.as_tensor(probs, dtype=torch.float32, device=device)
 
-    def encode(self, R: torch.Tensor) -> torch.Tensor:
-        idx = torch.floor((R - self.lo) / (self.hi - self.lo) * self.n)
-        return idx.clamp(0, self.n - 1).long()
+    def windows(self, batch_size: int, K: int, gen: torch.Generator):
+        """K-step windows starting uniformly in [0, len) of length-weighted episodes -> rows
+        (B, K) (pads read row 0) and mask (B, K) of the real steps (right padding)."""
+        dev = self.lengths.device
+        ep = torch.multinomial(self.probs, batch_size, replacement=True, generator=gen)  # (B,)
+        length = self.lengths[ep]
+        start = (torch.rand(batch_size, device=dev, generator=gen) * length).long()  # [0, len)
+        offs = start[:, None] + torch.arange(K, device=dev)                            # (B, K)
+        mask = offs < length[:, None]                                                  # (B, K)
+        return torch.where(mask, self.starts[ep][:, None] + offs, 0), mask
 
-
-class TrajectoryData:
+class TrajectoryData(Episodes):
     """Every episode flattened on the device. States z-scored with the dataset's mean and std
     (+1e-6), returns-to-go (gamma 1) divided by REWARD_SCALE, timesteps cut at MAX_EP_LEN - 1."""
 
@@ -132,8 +145,8 @@ class TrajectoryData:
         self.state_mean = torch.as_tensor(obs.mean(0), dtype=torch.float32)       # (obs_dim,)
         self.state_std = torch.as_tensor(obs.std(0) + 1e-6, dtype=torch.float32)  # (obs_dim,)
         lengths = np.array([len(ep["rewards"]) for ep in episodes])
+        super().__init__(lengths, device)
         rtg = np.concatenate([common.returns_to_go(ep["rewards"]) for ep in episodes])
-        rtg = rtg / REWARD_SCALE
         steps = np.concatenate([np.arange(n) for n in lengths]).clip(max=MAX_EP_LEN - 1)
 
         def t(x, dtype=torch.float32):
@@ -141,126 +154,222 @@ class TrajectoryData:
         obs = np.concatenate([ep["observations"] for ep in episodes])
         self.states = t((obs - self.state_mean.numpy()) / self.state_std.numpy())    # (N, obs_dim)
         self.actions = t(np.concatenate([ep["actions"] for ep in episodes]))        # (N, act_dim)
-        self.rtg, self.timesteps = t(rtg), t(steps, torch.long)                     # (N,), (N,)
-        self.lengths = t(lengths, torch.long)                                       # (episodes,)
-        self.starts = t(np.concatenate([[0], np.cumsum(lengths)[:-1]]), torch.long)
-        self.probs = t(lengths / lengths.sum())  # an episode is drawn in proportion to its length
-        self.bins = ReturnBins(rtg.min(), rtg.max(), args.return_bins) if args.return_bins else None
-        self.returns = self.bins.encode(self.rtg) if self.bins else self.rtg        # (N,)
+        self.rtg, self.timesteps = t(rtg / REWARD_SCALE), t(steps, torch.long)      # (N,), (N,)
         self.obs_dim, self.act_dim = self.states.shape[1], self.actions.shape[1]
 
     def stats(self) -> dict:
         """What a policy needs besides the weights (saved in the checkpoint, no numpy)."""
-        rng = [self.bins.lo, self.bins.hi] if self.bins else []
         return dict(state_mean=self.state_mean, state_std=self.state_std, obs_dim=self.obs_dim,
-                    act_dim=self.act_dim, return_range=rng)
+                    act_dim=self.act_dim)
 
     def sample(self, batch_size: int, K: int, gen: torch.Generator):
-        """K-step windows starting uniformly in [0, len) of length-weighted episodes, right-padded
-        with zeros; mask (B, K) marks the real steps (from the lengths, before padding).
-        -> states (B,K,obs), actions (B,K,act), returns (B,K), timesteps (B,K), mask (B,K)."""
-        dev = self.states.device
-        ep = torch.multinomial(self.probs, batch_size, replacement=True, generator=gen)  # (B,)
-        length = self.lengths[ep]
-        start = (torch.rand(batch_size, device=dev, generator=gen) * length).long()  # [0, len)
-        offs = start[:, None] + torch.arange(K, device=dev)                            # (B, K)
-        mask = offs < length[:, None]                                                  # (B, K)
-        idx = torch.where(mask, self.starts[ep][:, None] + offs, 0)  # pads read row 0, zeroed:
+        """-> states (B,K,obs), actions (B,K,act), returns (B,K), timesteps (B,K), mask (B,K);
+        pads are zero."""
+        idx, mask = self.windows(batch_size, K, gen)
         m = mask.unsqueeze(-1)
         return (torch.where(m, self.states[idx], 0.0), torch.where(m, self.actions[idx], 0.0),
-                torch.where(mask, self.returns[idx], 0), torch.where(mask, self.timesteps[idx], 0),
+                torch.where(mask, self.rtg[idx], 0), torch.where(mask, self.timesteps[idx], 0),
                 mask)
 
+def encode_return(R: torch.Tensor) -> torch.Tensor:
+    """MGDT Sec. 3.2 / official encode_return: clip(int(R), -20, 100) + 20 (int() truncates)."""
+    return R.trunc().clamp(RETURN_MIN, RETURN_MAX).long() - RETURN_MIN
+
+def encode_reward(r: torch.Tensor) -> torch.Tensor:
+    """Official encode_reward: 0 for r == 0, 1 for r > 0, 3 for r < 0 (raw, unclipped r)."""
+    return (r > 0).long() + 3 * (r < 0).long()
+
+class GameData(Episodes):
+    """Several games' episodes on the device: frames (N, H, W, C) uint8 (channels zero-padded to
+    the family's), return-to-go classes (gamma 1, raw rewards), actions (indices in the family's
+    one action set), reward classes. A window's game is drawn uniformly (the paper's DQN-Replay
+    games hold equal data: uniform = proportional there), its episode in proportion to length."""
+
+    def __init__(self, datasets: dict, args: Args, device):
+        self.games, self.family = list(datasets), next(iter(datasets)).split("/")[0]
+        H, W, C = GAME_SPEC[self.family][:3]
+        episodes, probs, self.refs, self.best = [], [], [], []
+        for game, data in datasets.items():
+            obs = data["observations"]
+            if obs.ndim != 4 or obs.shape[1:3] != (H, W) or obs.shape[3] > C:
+                raise common.DatasetError(f"{game}: observations of shape {obs.shape}, expected "
+                                          f"(N, {H}, {W}, <= {C}) for {self.family}")
+            rows = {k: v for k, v in data.items() if np.ndim(v)}  # not the 0-d references
+            rows["observations"] = np.pad(obs, ((0, 0), (0, 0), (0, 0), (0, C - obs.shape[3])))
+            eps = common.split_episodes(rows)
+            if args.data_fraction < 1:  # whole episodes at random, up to the fraction of rows
+                order = np.random.default_rng(args.seed).permutation(len(eps))
+                n = np.cumsum([len(eps[i]["rewards"]) for i in order])
+                eps = [eps[i] for i in sorted(order[:np.searchsorted(n, args.data_fraction * n[-1])
+                                                    + 1])]
+            n = sum(len(ep["rewards"]) for ep in eps)
+            episodes += eps
+            probs += [len(ep["rewards"]) / n / len(datasets) for ep in eps]
+            self.refs.append([float(data["ref_random"]), float(data["ref_expert"])])
+            self.best.append(max(float(ep["rewards"].sum()) for ep in eps))
+        super().__init__(np.array([len(ep["rewards"]) for ep in episodes]), device, probs)
+
+        def cat(key):
+            return torch.as_tensor(np.concatenate([ep[key] for ep in episodes]), device=device)
+        rtg = np.concatenate([common.returns_to_go(ep["rewards"]) for ep in episodes])
+        self.obs, self.actions = cat("observations"), cat("actions").long()
+        self.returns = encode_return(torch.as_tensor(rtg, device=device))
+        self.rewards = encode_reward(cat("rewards"))
+
+    def stats(self) -> dict:
+        return dict(family=self.family, games=self.games, refs=self.refs, best=self.best)
+
+    def sample(self, batch_size: int, K: int, gen: torch.Generator):
+        """-> frames (B, K, H, W, C), returns, actions, rewards (B, K) classes, mask (B, K);
+        pads are zero."""
+        idx, mask = self.windows(batch_size, K, gen)
+        return (torch.where(mask[..., None, None, None], self.obs[idx], 0),
+                *(torch.where(mask, x[idx], 0) for x in (self.returns, self.actions, self.rewards)),
+                mask)
 
 # ---- model (DT Sec. 3 "Architecture": GPT-2 blocks of the official vendored trajectory_gpt2.py)
 class Block(nn.Module):
-    """Pre-LayerNorm GPT-2 block: causal self-attention + MLP (4d, ReLU as the official config)."""
+    """Pre-LayerNorm GPT-2 block: self-attention (causal, or `mask`) + MLP (4d; ReLU as the
+    official DT config, MGDT: GELU)."""
 
-    def __init__(self, d: int, n_head: int, dropout: float):
+    def __init__(self, d: int, n_head: int, dropout: float, act=nn.ReLU):
         super().__init__()
         self.n_head, self.dropout = n_head, dropout
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.ReLU(), nn.Linear(4 * d, d),
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), act(), nn.Linear(4 * d, d),
                                  nn.Dropout(dropout))
         self.resid_drop = nn.Dropout(dropout)
 
-    def forward(self, x, last_only: bool = False):
-        """x (B, T, d) -> (B, T, d); last_only (predict_last): the final query alone, (B, 1, d)."""
+    def forward(self, x, last_only: bool = False, mask=None):
+        """x (B, T, d) -> (B, T, d); last_only (predict_last): the final query alone, (B, 1, d);
+        mask (T, T) bool, True = may attend."""
         B, T, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
         if last_only:  # the last token attends to every key: no mask needed
             q, x = q[:, -1:], x[:, -1:]
         q, k, v = (z.view(B, z.shape[1], self.n_head, -1).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=not last_only,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           is_causal=mask is None and not last_only,
                                            dropout_p=self.dropout if self.training else 0.0)
         x = x + self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, q.shape[2], d)))
         return x + self.mlp(self.ln2(x))
 
-
 class DecisionTransformer(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, args: Args):
         super().__init__()
-        d, self.bins = args.embed_dim, args.return_bins
+        d = args.embed_dim
         self.embed_timestep = nn.Embedding(MAX_EP_LEN, d)  # one per step, added to its 3 tokens
         self.embed_state, self.embed_action = nn.Linear(obs_dim, d), nn.Linear(act_dim, d)
-        self.embed_return = nn.Embedding(self.bins, d) if self.bins else nn.Linear(1, d)
+        self.embed_return = nn.Linear(1, d)
         self.embed_ln, self.drop = nn.LayerNorm(d), nn.Dropout(args.dropout)
         self.blocks = nn.ModuleList(Block(d, args.n_head, args.dropout)
                                     for _ in range(args.n_layer))
         self.ln_f = nn.LayerNorm(d)
         self.predict_action = nn.Sequential(nn.Linear(d, act_dim), nn.Tanh())
-        self.predict_return = nn.Linear(d, self.bins) if self.bins else None
         for m in self.blocks.modules():  # vendored GPT-2 init: every Linear N(0, 0.02), bias 0
             if isinstance(m, nn.Linear):  # (embeddings and heads outside it: PyTorch defaults)
                 nn.init.normal_(m.weight, 0.0, 0.02)
                 nn.init.zeros_(m.bias)
 
     def tokens(self, states, actions, returns, timesteps):
-        """Per step (R_t, s_t, a_t) (DT) or (s_t, R_t, a_t) (MGDT Sec. 3.1), each a modality's
-        embedding + the step's timestep embedding -> LayerNorm, dropout: (B, 3K, d)."""
+        """Per step (R_t, s_t, a_t), each a modality's embedding + the step's timestep embedding
+        -> LayerNorm, dropout: (B, 3K, d)."""
         time = self.embed_timestep(timesteps)                                       # (B, K, d)
-        R = self.embed_return(returns if self.bins else returns.unsqueeze(-1)) + time
+        R = self.embed_return(returns.unsqueeze(-1)) + time
         s = self.embed_state(states) + time
         a = self.embed_action(actions) + time
-        x = torch.stack((s, R, a) if self.bins else (R, s, a), dim=2)              # (B, K, 3, d)
+        x = torch.stack((R, s, a), dim=2)                                          # (B, K, 3, d)
         return self.drop(self.embed_ln(x.flatten(1, 2)))                            # (B, 3K, d)
 
     def forward(self, states, actions, returns, timesteps):
-        """states (B,K,obs), actions (B,K,act), returns (B,K) float (DT) or long bins (MGDT),
-        timesteps (B,K) -> actions (B,K,act), return logits (B,K,bins) or None."""
+        """states (B,K,obs), actions (B,K,act), returns (B,K), timesteps (B,K) -> actions
+        (B,K,act), a_t read at s_t's token (token 1 of a step)."""
         x = self.tokens(states, actions, returns, timesteps)
         for block in self.blocks:
             x = block(x)
         x = self.ln_f(x).unflatten(1, (states.shape[1], 3))                         # (B, K, 3, d)
-        action = self.predict_action(x[:, :, 1])  # a_t at token 1: s_t (DT), R_t (MGDT)
-        logits = self.predict_return(x[:, :, 0]) if self.bins else None  # MGDT: P(R_t | s_t, ..)
-        return action, logits
+        return self.predict_action(x[:, :, 1])
 
-    # -- speed trick: at evaluation only one output of the last step is read, so the sequence is
-    # cut after that token and the last block computes that query alone (tested == forward).
+    # -- speed trick: at evaluation only a_t of the last step is read, so the sequence is cut
+    # after s_t and the last block computes that query alone (tested == forward).
     @torch.no_grad()
-    def predict_last(self, states, actions, returns, timesteps, token: int):
-        """-> forward()'s action (token 1, (B, act)) or return logits (token 0) at the last step."""
-        x = self.tokens(states, actions, returns, timesteps)[:, :3 * states.shape[1] - 2 + token]
+    def predict_last(self, states, actions, returns, timesteps):
+        """-> forward()'s action at the last step, (B, act)."""
+        x = self.tokens(states, actions, returns, timesteps)[:, :3 * states.shape[1] - 1]
         for i, block in enumerate(self.blocks):
             x = block(x, last_only=i == len(self.blocks) - 1)
-        x = self.ln_f(x)[:, 0]
-        return self.predict_action(x) if token == 1 else self.predict_return(x)
+        return self.predict_action(self.ln_f(x)[:, 0])
 
+def game_mask(K: int, P: int) -> torch.Tensor:
+    """(L, L) bool, L = K (P + 3), True = may attend: causal, and the P patches of one frame
+    see each other (official colab; the only boolean mask in this file)."""
+    i = torch.arange(K * (P + 3))
+    patch = i % (P + 3) < P
+    same_frame = (i[:, None] // (P + 3) == i[None] // (P + 3)) & patch[:, None] & patch[None]
+    return (i[:, None] >= i[None]) | same_frame
 
-def loss_fn(pred, logits, actions, returns, mask, args: Args) -> dict:
-    """DT Sec. 3: MSE on the actions of real steps (padding masked out; official seq_trainer.py);
-    MGDT (Sec. 3.1): + the return-bin cross-entropy of those steps, times --return-loss-weight."""
+class MultiGameDT(nn.Module):
+    """MGDT (Sec. 3.1; official colab): per step [P patch tokens of o_t, R_t, a_t, r_t]; patches
+    by a strided conv (non-overlapping) + a learned per-patch position encoding, every token + a
+    learned position embedding over the window; heads (the next token): R_t at o_t's last
+    patch, a_t at R_t, r_t at a_t. PyTorch's default init, N(0, 0.02) position encodings."""
+
+    def __init__(self, family: str, args: Args):
+        super().__init__()
+        H, W, C, p, n_actions, self.scale, _ = GAME_SPEC[family]
+        d, self.P = args.embed_dim, (H // p) * (W // p)
+        self.patch = nn.Conv2d(C, d, p, stride=p)
+        self.patch_pos = nn.Parameter(0.02 * torch.randn(self.P, d))
+        self.pos = nn.Parameter(0.02 * torch.randn(args.context_len * (self.P + 3), d))
+        self.embed_return = nn.Embedding(N_RETURNS, d)
+        self.embed_action = nn.Embedding(n_actions, d)
+        self.embed_reward = nn.Embedding(N_REWARDS, d)
+        self.blocks = nn.ModuleList(Block(d, args.n_head, args.dropout, lambda: nn.GELU("tanh"))
+                                    for _ in range(args.n_layer))
+        self.ln_f = nn.LayerNorm(d)
+        self.predict_return, self.predict_reward = nn.Linear(d, N_RETURNS), nn.Linear(d, N_REWARDS)
+        self.predict_action = nn.Linear(d, n_actions)
+        self.register_buffer("mask", game_mask(args.context_len, self.P), persistent=False)
+
+    def tokens(self, obs, returns, actions, rewards):
+        """obs (B, K, H, W, C) uint8, returns / actions / rewards (B, K) classes
+        -> (B, K (P + 3), d)."""
+        B, K = actions.shape
+        x = obs.flatten(0, 1).permute(0, 3, 1, 2).float() / self.scale          # (BK, C, H, W)
+        patches = self.patch(x).flatten(2).transpose(1, 2) + self.patch_pos     # (BK, P, d)
+        Rar = torch.stack((self.embed_return(returns), self.embed_action(actions),
+                           self.embed_reward(rewards)), dim=2)                   # (B, K, 3, d)
+        x = torch.cat((patches.unflatten(0, (B, K)), Rar), dim=2).flatten(1, 2)
+        return x + self.pos[:x.shape[1]]
+
+    def forward(self, obs, returns, actions, rewards):
+        """-> logits of R_t (B, K, 121), a_t (B, K, actions), r_t (B, K, 4)."""
+        x = self.tokens(obs, returns, actions, rewards)
+        L, P = x.shape[1], self.P
+        for block in self.blocks:
+            x = block(x, mask=self.mask[:L, :L])
+        x = self.ln_f(x).unflatten(1, (-1, P + 3))                               # (B, K, P+3, d)
+        return (self.predict_return(x[:, :, P - 1]), self.predict_action(x[:, :, P]),
+                self.predict_reward(x[:, :, P + 1]))
+
+def loss_fn(pred, actions, mask) -> dict:
+    """DT Sec. 3: MSE on the actions of real steps (padding masked out; official seq_trainer.py)."""
     m = mask.float()                                                                # (B, K)
     action_loss = (((pred.float() - actions) ** 2).mean(-1) * m).sum() / m.sum()
-    out = dict(action_loss=action_loss, total_loss=action_loss)
-    if logits is not None:
-        ce = F.cross_entropy(logits.float().transpose(1, 2), returns, reduction="none")  # (B, K)
-        out["return_loss"] = (ce * m).sum() / m.sum()
-        out["total_loss"] = action_loss + args.return_loss_weight * out["return_loss"]
-    return out
+    return dict(action_loss=action_loss, total_loss=action_loss)
 
+def game_loss(logits, batch) -> dict:
+    """Official sequence_loss: the mean of the R_t, a_t and r_t cross-entropies, here over the
+    real steps; the patch tokens get no loss (nothing predicts o_t)."""
+    *_, returns, actions, rewards, mask = batch
+    m = mask.float()
+    out = {f"{name}_loss": (F.cross_entropy(z.float().transpose(1, 2), y, reduction="none")
+                            * m).sum() / m.sum()
+           for name, z, y in zip(("return", "action", "reward"), logits,
+                                 (returns, actions, rewards))}
+    out["total_loss"] = sum(out.values()) / 3
+    return out
 
 def make_optimizer(model, args: Args):
     """AdamW on every parameter; lr * min((step + 1) / warmup, 1): linear warmup, then constant."""
@@ -269,46 +378,28 @@ def make_optimizer(model, args: Args):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, 1.0))
     return optimizer, scheduler
 
-
-# ---- policy (DT Algorithm 1; MGDT Sec. 3.4), batched over episodes for common.evaluate
-def sample_expert_return(logits, kappa: float, gen=None):
-    """MGDT Sec. 3.4: R ~ exp(log P(R | ...) + kappa (R - R_low) / (R_high - R_low)), the bin
-    centres at (i + 0.5) / N of the range. logits (N, bins) -> bins (N,) long."""
-    n = logits.shape[-1]
-    expert = kappa * (torch.arange(n, device=logits.device) + 0.5) / n                # (bins,)
-    probs = torch.softmax(torch.log_softmax(logits.float(), -1) + expert, -1)
-    return torch.multinomial(probs, 1, generator=gen)[:, 0]
-
-
+# ---- policy (DT Algorithm 1; MGDT Sec. 3.4), batched over episodes (and games)
 class DTPolicy:
     """N episodes at once, their last K steps in preallocated (N, K, ...) device buffers: step t
     writes at min(t, K - 1), and a full window shifts left (right padding, as in training).
     Episodes that observe() reports done get no more forward passes (their actions are 0)."""
 
     def __init__(self, model: DecisionTransformer, args: Args, state_mean, state_std,
-                 bins: Optional[ReturnBins] = None, target: Optional[float] = None, seed=0):
-        self.model, self.args, self.bins, self.target, self.seed = model, args, bins, target, seed
+                 target: Optional[float] = None):
+        self.model, self.args, self.target = model, args, target
         self.device = next(model.parameters()).device
         self.mean = torch.as_tensor(state_mean, dtype=torch.float32, device=self.device)
         self.std = torch.as_tensor(state_std, dtype=torch.float32, device=self.device)
-        self.gen = torch.Generator(device=self.device)
 
     def reset(self, n: int):
         K, dev, act_dim = self.args.context_len, self.device, self.model.embed_action.in_features
         self.states = torch.zeros(n, K, self.mean.numel(), device=dev)
         self.actions = torch.zeros(n, K, act_dim, device=dev)
-        self.returns = torch.zeros(n, K, device=dev, dtype=torch.long if self.bins else torch.float)
+        self.returns = torch.zeros(n, K, device=dev)
         self.timesteps = torch.zeros(n, K, device=dev, dtype=torch.long)
         self.next_return = torch.full((n,), (self.target or 0.0) / REWARD_SCALE, device=dev)
         self.live = np.ones(n, dtype=bool)  # on the host: the env's dones arrive there
         self.t = 0
-        self.gen.manual_seed(self.seed)
-
-    def _head(self, rows, n: int, token: int):
-        """The model's output at token `token` of step n - 1 (action 1, MGDT return logits 0)."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
-            buffers = (self.states, self.actions, self.returns, self.timesteps)
-            return self.model.predict_last(*(b[rows, :n] for b in buffers), token).float()
 
     @torch.no_grad()
     def __call__(self, obs):
@@ -321,14 +412,13 @@ class DTPolicy:
         self.states[:, p] = (torch.as_tensor(obs, device=self.device) - self.mean) / self.std
         self.actions[:, p] = 0.0  # a_t is not known yet; causality hides it from s_t and R_t
         self.timesteps[:, p] = min(self.t, MAX_EP_LEN - 1)
+        self.returns[:, p] = self.next_return                     # Alg. 1: condition on R_t
         live = torch.as_tensor(np.flatnonzero(self.live), device=self.device)
         rows = slice(None) if self.live.all() else live  # finished episodes: no forward pass
-        if self.bins is None:
-            self.returns[:, p] = self.next_return                 # Alg. 1: condition on R_t
-        else:  # MGDT Sec. 3.4: R_t ~ P(R_t | s_t, history) tilted to high returns, no target
-            logits = self._head(rows, p + 1, token=0)  # R_t's own token is cut off
-            self.returns[rows, p] = sample_expert_return(logits, self.args.expert_kappa, self.gen)
-        self.actions[rows, p] = self._head(rows, p + 1, token=1)  # Alg. 1: a_t = DT(R, s, a, t)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
+            buffers = (self.states, self.actions, self.returns, self.timesteps)
+            act = self.model.predict_last(*(b[rows, :p + 1] for b in buffers))
+        self.actions[rows, p] = act.float()                       # Alg. 1: a_t = DT(R, s, a, t)
         return self.actions[:, p].cpu().numpy().copy()                             # (N, act)
 
     def observe(self, rewards, dones):
@@ -338,44 +428,211 @@ class DTPolicy:
         self.live &= ~np.asarray(dones, dtype=bool)
         self.t += 1
 
+def sample_expert_return(logits, kappa: float, gen=None):
+    """MGDT Sec. 3.4 / official optimal_action: logits + kappa linspace(0, 1, N) (= log P(R) +
+    kappa (R - R_low) / (R_high - R_low) + const), 128 draws at temperature 0.75, the largest
+    kept. kappa 0: one draw from P(R). logits (n, N) -> classes (n,)."""
+    if kappa == 0:
+        return torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=gen)[:, 0]
+    tilt = kappa * torch.linspace(0, 1, logits.shape[-1], device=logits.device)
+    probs = torch.softmax((logits.float() + tilt) / RETURN_TEMPERATURE, -1)
+    return torch.multinomial(probs, RETURN_SAMPLES, replacement=True, generator=gen).amax(-1)
 
-def evaluate(policy: DTPolicy, args: Args) -> dict:
-    """Each target return (DT; the first is the headline) or expert inference (MGDT) on
-    args.eval_episodes episodes at once -> {name: common.evaluate's dict}."""
+def sample_action(logits, gen=None):
+    """Official: temperature 1 over the logits above their 50th percentile (the largest always
+    kept). logits (n, A) -> actions (n,)."""
+    logits = logits.float()
+    cut = torch.quantile(logits, ACTION_TOP_PERCENTILE / 100, dim=-1, keepdim=True)
+    keep = (logits > cut) | (logits == logits.amax(-1, keepdim=True))
+    probs = torch.softmax(logits.masked_fill(~keep, -torch.inf), -1)
+    return torch.multinomial(probs, 1, generator=gen)[:, 0]
+
+class GamePolicy:
+    """MGDT in N episodes at once: per step R_t from the return head (expert inference, kappa)
+    or a fixed target minus the rewards so far (return-conditioned DT, `targets` (N,)), then a_t
+    from the action head; windows as DTPolicy's; finished episodes get no forward pass."""
+
+    def __init__(self, model: MultiGameDT, args: Args, stats: dict):
+        self.model, self.args, self.stats = model, args, stats
+        self.device = next(model.parameters()).device
+        self.gen = torch.Generator(device=self.device)
+        self.kappa, self.targets = args.expert_kappa, None  # evaluate() sets both
+
+    def reset(self, n: int):
+        K, (H, W, C) = self.args.context_len, GAME_SPEC[self.stats["family"]][:3]
+        self.obs = torch.zeros(n, K, H, W, C, dtype=torch.uint8, device=self.device)
+        self.tok = torch.zeros(n, K, 3, dtype=torch.long, device=self.device)  # R, a, r classes
+        self.left = None if self.targets is None else torch.as_tensor(
+            self.targets, dtype=torch.float64, device=self.device)   # (n,) return still to get
+        self.live, self.t = np.ones(n, dtype=bool), 0
+        self.gen.manual_seed(self.args.seed)
+
+    def _logits(self, rows, p: int, head: int):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
+            window = (self.obs[rows, :p + 1], *self.tok[rows, :p + 1].unbind(-1))
+            return self.model(*window)[head][:, p].float()
+
+    @torch.no_grad()
+    def __call__(self, obs):
+        """obs (N, H, W, C) uint8 -> actions (N,) int64 numpy (finished episodes': ignored)."""
+        K = self.args.context_len
+        if self.t >= K:  # window full: drop the oldest step
+            for buf in (self.obs, self.tok):
+                buf[:, :-1] = buf[:, 1:].clone()
+        p = min(self.t, K - 1)
+        self.obs[:, p] = torch.as_tensor(obs, device=self.device)
+        rows = torch.as_tensor(np.flatnonzero(self.live), device=self.device)
+        if self.left is None:  # Sec. 3.4: R_t ~ P(R_t | o_t, history) tilted to high returns
+            R = sample_expert_return(self._logits(rows, p, 0), self.kappa, self.gen)
+        else:
+            R = encode_return(self.left[rows])
+        self.tok[rows, p, 0] = R
+        self.tok[rows, p, 1] = sample_action(self._logits(rows, p, 1), self.gen)
+        return self.tok[:, p, 1].cpu().numpy()
+
+    def observe(self, rewards, dones):
+        p = min(self.t, self.args.context_len - 1)
+        r = torch.as_tensor(rewards, device=self.device)
+        self.tok[:, p, 2] = encode_reward(r)
+        if self.left is not None:
+            self.left -= r
+        self.live &= ~np.asarray(dones, dtype=bool)
+        self.t += 1
+
+class GameEnv:
+    """One episode at a time: reset(seed) -> frame (H, W, C) uint8, step(a) -> (frame, r, done).
+    MinAtar as the data contract (sticky actions 0.1, difficulty ramping, channels padded);
+    Atari as the paper / official evaluation: 84x84 grayscale (area resize), frame skip 4 with
+    the max of the last two frames, 1-30 no-op starts, no sticky actions, all 18 actions."""
+
+    def __init__(self, env: str):
+        self.family, game = env.split("/", 1)
+        try:
+            if self.family == "minatar":
+                import minatar
+                self.env = minatar.Environment(game, sticky_action_prob=0.1,
+                                               difficulty_ramping=True)
+            else:
+                import ale_py
+                import gymnasium as gym
+                gym.register_envs(ale_py)
+                self.env = gym.make(f"ALE/{game}-v5", frameskip=1, repeat_action_probability=0.0,
+                                    full_action_space=True, obs_type="grayscale")
+        except ModuleNotFoundError as e:
+            raise ModuleNotFoundError(f"{env} needs the {e.name} package: pip install "
+                                      f"{'minatar' if self.family == 'minatar' else 'ale-py'}"
+                                      ) from None
+
+    def frame(self, x) -> np.ndarray:
+        H, W, C = GAME_SPEC[self.family][:3]
+        if self.family == "atari":  # (210, 160) -> (84, 84), as cv2.INTER_AREA
+            x = F.interpolate(torch.as_tensor(x, dtype=torch.float32)[None, None], (H, W),
+                              mode="area")[0, 0].round().numpy()
+        x = np.asarray(x, dtype=np.uint8).reshape(H, W, -1)
+        return np.pad(x, ((0, 0), (0, 0), (0, C - x.shape[-1])))
+
+    def reset(self, seed: int) -> np.ndarray:
+        if self.family == "minatar":
+            self.env.seed(seed)
+            self.env.reset()
+            return self.frame(self.env.state())
+        x, _ = self.env.reset(seed=seed)
+        for _ in range(np.random.default_rng(seed).integers(1, 31)):  # no-op starts
+            x, *_ = self.env.step(0)
+        return self.frame(x)
+
+    def step(self, a: int):
+        if self.family == "minatar":
+            r, done = self.env.act(int(a))
+            return self.frame(self.env.state()), float(r), bool(done)
+        frames, total, done = [], 0.0, False
+        for _ in range(4):
+            x, r, term, trunc, _ = self.env.step(int(a))
+            frames, total, done = frames[-1:] + [x], total + float(r), term or trunc
+            if done:
+                break
+        return self.frame(np.maximum(frames[0], frames[-1])), total, done
+
+def evaluate_games(policy, games: list[str], refs, n: int, seed: int, max_steps=None) -> dict:
+    """Episode i (seeded seed + i) of every game at once, one batched policy call per step ->
+    {game: dict(returns, lengths, normalized (R - random) / (expert - random))}."""
+    envs = [GameEnv(g) for g in games for _ in range(n)]
+    obs = np.stack([e.reset(seed + i % n) for i, e in enumerate(envs)])
+    policy.reset(len(envs))
+    returns, lengths, live = np.zeros(len(envs)), np.zeros(len(envs), int), np.ones(len(envs), bool)
+    limit = max_steps or GAME_SPEC[games[0].split("/")[0]][-1]
+    with tqdm(total=len(envs) * limit, desc="eval", unit="step") as bar:
+        for _ in range(limit):
+            act, rew, done = policy(obs), np.zeros(len(envs)), ~live
+            for j in np.flatnonzero(live):
+                obs[j], rew[j], done[j] = envs[j].step(act[j])
+            returns, lengths = returns + rew, lengths + live
+            policy.observe(rew, done)
+            bar.update(int(live.sum()))
+            live &= ~done
+            if not live.any():
+                break
+    out = {}
+    for k, (game, (lo, hi)) in enumerate(zip(games, refs)):
+        R = returns[k * n:(k + 1) * n]
+        out[game.split("/")[1]] = dict(returns=R, lengths=lengths[k * n:(k + 1) * n],
+                                       normalized=(R - lo) / (hi - lo))
+    return out
+
+def evaluate(policy, args: Args) -> dict:
+    """DT: each target return (the first is the headline) on args.eval_episodes episodes at
+    once; games: every game at once, expert inference or the --target-returns -> {name: dict}."""
     model, out = policy.model, {}
     was_training = model.training
     model.eval()
-    targets = [None] if policy.bins else policy.args.target_returns or TARGET_RETURNS[args.env]
-    for target in targets:
-        policy.target = target
-        out["expert" if target is None else f"target{target:g}"] = common.evaluate(
-            policy, args.env, args.eval_episodes, seed=args.seed + 10_000,
-            max_steps=args.eval_max_steps, dataset=args.dataset)
+    if isinstance(policy, GamePolicy):
+        s, n = policy.stats, args.eval_episodes
+        policy.kappa = args.expert_kappa
+        targets = args.target_returns and np.broadcast_to(args.target_returns, len(s["games"]))
+        policy.targets = None if targets is None else np.repeat(targets, n)
+        out = evaluate_games(policy, s["games"], s["refs"], n, args.seed + 10_000,
+                             args.eval_max_steps)
+    else:
+        for target in policy.args.target_returns or TARGET_RETURNS[args.env]:
+            policy.target = target
+            out[f"target{target:g}"] = common.evaluate(
+                policy, args.env, args.eval_episodes, seed=args.seed + 10_000,
+                max_steps=args.eval_max_steps, dataset=args.dataset)
     model.train(was_training)
     return out
 
-
-def summary(results: dict) -> dict:
-    """Headline (first target) and per-target means, as run.log() keys."""
+def summary(results: dict, games: bool = False) -> dict:
+    """Headline (DT: the first target; games: the mean over games) and per-entry means."""
     out = {}
-    for i, (name, res) in enumerate(results.items()):
-        for key, value in (("return_mean", res["returns"].mean()),
-                           ("normalized_score", res["normalized"].mean())):
-            out[f"eval/{name}/{key}"] = float(value)
-            if i == 0:
-                out[f"eval/{key}"] = float(value)
+    for name, res in results.items():
+        out[f"eval/{name}/return_mean"] = float(res["returns"].mean())
+        out[f"eval/{name}/normalized_score"] = float(res["normalized"].mean())
+    for key in ("return_mean", "normalized_score"):
+        values = [v for k, v in out.items() if k.endswith("/" + key)]
+        out[f"eval/{key}"] = float(np.mean(values) if games else values[0])
     return out
 
-
 def report(metrics: dict) -> str:
-    return ", ".join(f"{k[5:]} {v:.1f}" for k, v in metrics.items() if k.count("/") == 2)
-
+    return ", ".join(f"{k[5:]} {v:.2f}" for k, v in metrics.items() if k.count("/") == 2)
 
 # ---- run
+def is_game(env: str) -> bool:
+    return env.startswith(("minatar/", "atari/"))
+
 def check_args(args: Args) -> Args:
-    """Clear errors for settings that cannot run."""
-    common.env_id(args.env)
-    if not (args.target_returns or args.return_bins or args.env in TARGET_RETURNS
+    """Clear errors for settings that cannot run; DT / MGDT defaults for dataset and K."""
+    games = is_game(args.env)
+    if games:
+        if len({g.split("/")[0] for g in args.env.split("+")}) > 1:
+            raise ValueError(f"one action space: games of one family only, got {args.env!r}")
+        for g in args.env.split("+"):
+            if g.startswith("minatar/") and g[8:] not in MINATAR_GAMES:
+                raise ValueError(f"unknown MinAtar game {g!r}: use one of {MINATAR_GAMES}")
+    else:
+        common.env_id(args.env)
+    args.dataset = args.dataset or ("dqn" if games else "medium")
+    args.context_len = args.context_len or (4 if games else 20)
+    if not (args.target_returns or games or args.env in TARGET_RETURNS
             or args.eval_only or args.resume):
         raise ValueError(f"no default target returns for {args.env!r}: pass --target-returns R ...")
     for name in ("total_steps", "batch_size", "eval_every", "eval_episodes", "context_len",
@@ -384,18 +641,31 @@ def check_args(args: Args) -> Args:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.embed_dim % args.n_head:
         raise ValueError(f"--embed-dim {args.embed_dim} is not divisible by --n-head {args.n_head}")
-    if args.warmup_steps < 0 or not 0 <= args.dropout < 1 or args.return_loss_weight < 0:
-        raise ValueError("need --warmup-steps >= 0, 0 <= --dropout < 1, --return-loss-weight >= 0")
-    if args.return_bins == 1 or args.return_bins < 0:
-        raise ValueError(f"--return-bins must be 0 (plain DT) or >= 2, got {args.return_bins}")
+    if args.warmup_steps < 0 or not 0 <= args.dropout < 1 or not 0 < args.data_fraction <= 1:
+        raise ValueError("need --warmup-steps >= 0, 0 <= --dropout < 1, 0 < --data-fraction <= 1")
     if args.eval_only and not args.checkpoint:
         raise ValueError("--eval-only needs --checkpoint PATH (a checkpoint.pt written by dt.py)")
     return args
 
-
 def checkpoint_args(ckpt: dict) -> Args:
     return Args(**{k: v for k, v in ckpt["args"].items() if k in Args.__dataclass_fields__})
 
+def build(args: Args, device):
+    """-> data (TrajectoryData or GameSet) and a fresh model for it."""
+    if not is_game(args.env):
+        dataset = common.load_dataset(args.env, args.dataset, path=args.dataset_path)
+        args.env = dataset.env
+        data = TrajectoryData(dataset, args, device)
+        return data, DecisionTransformer(data.obs_dim, data.act_dim, args).to(device)
+    data = GameData({g: common.load_dataset(g, args.dataset, path=args.dataset_path)
+                     for g in args.env.split("+")}, args, device)
+    return data, MultiGameDT(data.family, args).to(device)
+
+def make_policy(model, stats: dict, args: Args):
+    if "games" in stats:
+        return GamePolicy(model, args, stats)
+    targets = args.target_returns or TARGET_RETURNS.get(args.env, (None,))
+    return DTPolicy(model, args, stats["state_mean"], stats["state_std"], targets[0])
 
 def main(argv=None) -> dict:
     args = check_args(common.parse_args(Args, argv))
@@ -404,31 +674,34 @@ def main(argv=None) -> dict:
         policy = load_policy(args.checkpoint, device)
         args.env = policy.args.env
         policy.args.target_returns = args.target_returns or policy.args.target_returns
-        out = summary(evaluate(policy, args))
+        out = summary(evaluate(policy, args), is_game(args.env))
         print(f"[dt] {args.checkpoint}: {report(out)}")
         return out
     if args.resume:  # the run's own settings; this command's run length and evaluation
         keep = ("resume", "total_steps", "eval_every", "eval_episodes", "eval_max_steps", "cuda")
         saved = checkpoint_args(common.load_checkpoint(args.resume, "dt"))
         args = dataclasses.replace(saved, **{k: getattr(args, k) for k in keep})
+    elif args.checkpoint:  # Sec. 4.5 fine-tuning: the checkpoint's architecture and weights
+        tuned = common.load_checkpoint(args.checkpoint, "dt")
+        arch = ("embed_dim", "n_layer", "n_head", "context_len")
+        args = dataclasses.replace(args, **{k: tuned["args"][k] for k in arch})
     common.set_seed(args.seed)
-
-    dataset = common.load_dataset(args.env, args.dataset, path=args.dataset_path)
-    args.env = dataset.env
-    data = TrajectoryData(dataset, args, device)
-    model = DecisionTransformer(data.obs_dim, data.act_dim, args).to(device)
+    data, model = build(args, device)
+    if args.checkpoint and not args.resume:
+        model.load_state_dict(tuned["model"])
     optimizer, scheduler = make_optimizer(model, args)
     gen = torch.Generator(device=device).manual_seed(args.seed)  # the batch sampler's stream
     run = common.Run(args, "dt", extra=data.stats(), model=model, optimizer=optimizer,
                      scheduler=scheduler, sampler=gen)
-    print(f"[dt] {args.env}: {len(data.lengths)} episodes, {len(data.rtg)} steps, {device}")
+    print(f"[dt] {args.env}: {len(data.lengths)} episodes, {int(data.lengths.sum())} steps, "
+          f"{device}")
     out = {}
     for step in run.loop(args.total_steps):
-        states, actions, returns, timesteps, mask = data.sample(args.batch_size,
-                                                                args.context_len, gen)
+        *inputs, mask = batch = data.sample(args.batch_size, args.context_len, gen)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            pred, logits = model(states, actions, returns, timesteps)
-        losses = loss_fn(pred, logits, actions, returns, mask, args)
+            outputs = model(*inputs)
+        losses = (game_loss(outputs, batch) if is_game(args.env)
+                  else loss_fn(outputs, inputs[1], mask))
         optimizer.zero_grad(set_to_none=True)
         losses["total_loss"].backward()
         nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)  # after backward, before step
@@ -438,29 +711,25 @@ def main(argv=None) -> dict:
             run.log(**{f"losses/{k}": v for k, v in losses.items()},
                     **{"charts/learning_rate": scheduler.get_last_lr()[0]})
         if run.every(args.eval_every):
-            policy = DTPolicy(model, args, data.state_mean, data.state_std, data.bins,
-                              seed=args.seed)
-            out = summary(evaluate(policy, args))
+            out = summary(evaluate(make_policy(model, data.stats(), args), args), is_game(args.env))
             run.log(**out)
             run.save()
     out["run_dir"] = str(run.finish())
     print(f"[dt] step {run.step}: {report(out)}")
     return out
 
-
-def load_policy(path, device="cpu") -> DTPolicy:
-    """The batched policy of a dt.py checkpoint: policy.reset(n); act = policy(obs (n, obs_dim));
-    policy.observe(rewards, dones). DT conditions on the checkpoint's first target return."""
+def load_policy(path, device="cpu"):
+    """The batched policy of a dt.py checkpoint: policy.reset(n); act = policy(obs (n, obs_dim)
+    or frames (n, H, W, C)); policy.observe(rewards, dones). DT conditions on the checkpoint's
+    first target return; MGDT uses expert inference (policy.kappa, policy.targets)."""
     ckpt = common.load_checkpoint(path, "dt")
     args = checkpoint_args(ckpt)
-    model = DecisionTransformer(ckpt["obs_dim"], ckpt["act_dim"], args).to(device)
+    if "games" in ckpt:
+        model = MultiGameDT(ckpt["family"], args)
+    else:
+        model = DecisionTransformer(ckpt["obs_dim"], ckpt["act_dim"], args)
     model.load_state_dict(ckpt["model"])
-    model.eval()
-    bins = ReturnBins(*ckpt["return_range"], args.return_bins) if args.return_bins else None
-    targets = args.target_returns or TARGET_RETURNS.get(args.env, (None,))
-    return DTPolicy(model, args, ckpt["state_mean"], ckpt["state_std"], bins,
-                    None if bins else targets[0], seed=args.seed)
-
+    return make_policy(model.to(device).eval(), ckpt, args)
 
 if __name__ == "__main__":
     main()

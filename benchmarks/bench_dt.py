@@ -37,8 +37,8 @@ def make_update(data: dt.TrajectoryData, args: dt.Args, device, compiled: bool =
         states, actions, returns, timesteps, mask = data.sample(args.batch_size,
                                                                 args.context_len, gen)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            pred, logits = fwd(states, actions, returns, timesteps)
-        loss = dt.loss_fn(pred, logits, actions, returns, mask, args)["total_loss"]
+            pred = fwd(states, actions, returns, timesteps)
+        loss = dt.loss_fn(pred, actions, mask)["total_loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), dt.GRAD_CLIP)
@@ -63,14 +63,14 @@ def dt_train(quick: bool):
     data_np = common.load_dataset("hopper", "medium", verbose=False)
     if quick:
         data_np = {k: v[:20_000] for k, v in data_np.items()}
-    data = dt.TrajectoryData(data_np, dt.Args(), device)
-    flops = flops_per_update(data, dt.Args(), device)
+    data = dt.TrajectoryData(data_np, dt.check_args(dt.Args()), device)
+    flops = flops_per_update(data, dt.check_args(dt.Args()), device)
     peaks = {False: matmul_peak(torch.float32), True: matmul_peak(torch.bfloat16)}
     (n, repeats), rows, rate = (2, 1) if quick else (10, 3), [], {}
     settings = [("fp32", False, False), ("bf16 autocast", True, False)]
     settings += [] if quick else [("fp32 torch.compile", False, True)]
     for name, bf16, compiled in settings:
-        update = make_update(data, dt.Args(bf16=bf16), device, compiled)
+        update = make_update(data, dt.check_args(dt.Args(bf16=bf16)), device, compiled)
         rate[name] = n / median_time(lambda: [update() for _ in range(n)], repeats, warmup=1)
         mfu = flops * rate[name] / peaks[bf16]
         rows.append(dict(row="dt_train", metric=f"updates/s ({name})", value=rate[name],
@@ -94,7 +94,7 @@ def dt_eval(quick: bool):
     device = common.get_device(True)
     rows = []
     for bf16 in (False, True):
-        args = dt.Args(env="halfcheetah", bf16=bf16)
+        args = dt.check_args(dt.Args(env="halfcheetah", bf16=bf16))
         torch.manual_seed(0)
         model = dt.DecisionTransformer(*common.env_dims("halfcheetah"), args).to(device).eval()
         obs_dim = model.embed_state.in_features

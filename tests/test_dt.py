@@ -50,10 +50,7 @@ def random_batch(args, B=2, obs_dim=3, act_dim=2, seed=0):
     g = torch.Generator().manual_seed(seed)
     K = args.context_len
     s, a = torch.randn(B, K, obs_dim, generator=g), torch.rand(B, K, act_dim, generator=g) * 2 - 1
-    if args.return_bins:
-        r = torch.randint(0, args.return_bins, (B, K), generator=g)
-    else:
-        r = torch.rand(B, K, generator=g)
+    r = torch.rand(B, K, generator=g)
     t = torch.randint(0, 990, (B, 1), generator=g) + torch.arange(K)
     return s, a, r, t
 
@@ -74,7 +71,7 @@ def episodes(lengths, obs_dim=3, act_dim=2, seed=0):
 def test_official_config_and_parameter_count():
     """kzl/decision-transformer gym/experiment.py + seq_trainer.py defaults, and the parameter
     count of the hopper model (obs 11, act 3), counted by hand."""
-    a = dt.Args()
+    a = dt.check_args(dt.Args())
     assert (a.context_len, a.embed_dim, a.n_layer, a.n_head, a.dropout) == (20, 128, 3, 1, 0.1)
     assert (a.lr, a.warmup_steps, a.batch_size, a.total_steps) == (1e-4, 10_000, 64, 100_000)
     constants = (dt.WEIGHT_DECAY, dt.GRAD_CLIP, dt.REWARD_SCALE, dt.MAX_EP_LEN)
@@ -82,7 +79,6 @@ def test_official_config_and_parameter_count():
     assert dt.TARGET_RETURNS["hopper"] == (3600, 1800) and a.eval_episodes == 100
     assert dt.TARGET_RETURNS["halfcheetah"] == (12000, 6000)
     assert dt.TARGET_RETURNS["walker2d"] == (5000, 2500)
-    assert a.expert_kappa == 10 and a.return_bins == 0  # MGDT footnote 4: kappa = 10
     d = 128
     block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
     embed = 1000 * d + (1 * d + d) + (11 * d + d) + (3 * d + d) + 2 * d
@@ -150,22 +146,21 @@ def test_forward_equals_official_full_and_padded_windows():
     model = noisy_model(args)
     s, a, r, t = random_batch(args, B=3)
     K = args.context_len
-    torch.testing.assert_close(model(s, a, r, t)[0], official_forward(model, s, a, r, t,
+    torch.testing.assert_close(model(s, a, r, t), official_forward(model, s, a, r, t,
                                torch.ones(3, K)), atol=1e-5, rtol=1e-5)
     for n in range(1, K):
         right = [torch.cat([x[:, :n], 7 * torch.ones_like(x[:, n:])], 1) for x in (s, a, r)]
-        ours = model(*right, torch.cat([t[:, :n], t[:, :K - n]], 1))[0][:, :n]
+        ours = model(*right, torch.cat([t[:, :n], t[:, :K - n]], 1))[:, :n]
         left = [torch.cat([torch.zeros_like(x[:, n:]), x[:, :n]], 1) for x in (s, a, r, t)]
         mask = torch.cat([torch.zeros(3, K - n), torch.ones(3, n)], 1)
         ref = official_forward(model, *left, mask)[:, K - n:]
         torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("bins", [0, 6])
-def test_token_layout_shared_timestep(bins):
-    """Per step (R, s, a) for DT, (s, R, a) for MGDT (Sec. 3.1); each token = its modality's
-    embedding + the same timestep embedding, before embed_ln."""
-    args = tiny_args(return_bins=bins)
+def test_token_layout_shared_timestep():
+    """Per step (R, s, a); each token = its modality's embedding + the same timestep embedding,
+    before embed_ln."""
+    args = tiny_args()
     model = noisy_model(args)
     s, a, r, t = random_batch(args)
     seen = {}
@@ -173,73 +168,60 @@ def test_token_layout_shared_timestep(bins):
     model(s, a, r, t)
     x = seen["x"]                                                          # (B, 3K, d)
     time = model.embed_timestep.weight[t]
-    R = model.embed_return.weight[r] if bins else _lin(r[..., None], model.embed_return)
+    R = _lin(r[..., None], model.embed_return)
     tok = {"R": R + time, "s": _lin(s, model.embed_state) + time,
            "a": _lin(a, model.embed_action) + time}
-    for j, name in enumerate("sRa" if bins else "Rsa"):
+    for j, name in enumerate("Rsa"):
         torch.testing.assert_close(x[:, j::3], tok[name])
 
 
-@pytest.mark.parametrize("bins", [0, 6])
-def test_predict_last_equals_forward(bins):
-    args = tiny_args(return_bins=bins)
+def test_predict_last_equals_forward():
+    args = tiny_args()
     model = noisy_model(args)
     s, a, r, t = random_batch(args, B=3)
     for n in range(1, args.context_len + 1):
         w = (s[:, :n], a[:, :n], r[:, :n], t[:, :n])
-        act, logits = model(*w)
-        torch.testing.assert_close(model.predict_last(*w, token=1), act[:, -1])
-        if bins:
-            torch.testing.assert_close(model.predict_last(*w, token=0), logits[:, -1])
+        torch.testing.assert_close(model.predict_last(*w), model(*w)[:, -1])
 
 
-@pytest.mark.parametrize("bins", [0, 6])
-def test_causality_and_read_tokens(bins):
-    """Step j's tokens change nothing before j; a_j is predicted without a_j but with R_j;
-    MGDT's P(R_j | s_j, history) is read before R_j and a_j."""
-    args = tiny_args(return_bins=bins)
+def test_causality_and_read_tokens():
+    """Step j's tokens change nothing before j; a_j is predicted without a_j but with R_j."""
+    args = tiny_args()
     model = noisy_model(args)
     s, a, r, t = random_batch(args)
-    act, logits = model(s, a, r, t)
+    act = model(s, a, r, t)
     j = 2
     s2, a2, r2 = s.clone(), a.clone(), r.clone()
     s2[:, j:] += 1.0
     a2[:, j:] = -a2[:, j:]
-    r2[:, j:] = (r2[:, j:] + 1) % bins if bins else r2[:, j:] + 1.0
-    act2, logits2 = model(s2, a2, r2, t)
+    r2[:, j:] = r2[:, j:] + 1.0
+    act2 = model(s2, a2, r2, t)
     torch.testing.assert_close(act2[:, :j], act[:, :j])
     a3 = a.clone()
     a3[:, j] = -a3[:, j]
-    act3, logits3 = model(s, a3, r, t)
+    act3 = model(s, a3, r, t)
     torch.testing.assert_close(act3[:, j], act[:, j])
     r4 = r.clone()
-    r4[:, j] = (r4[:, j] + 1) % bins if bins else r4[:, j] + 1.0
-    act4, logits4 = model(s, a, r4, t)
+    r4[:, j] = r4[:, j] + 1.0
+    act4 = model(s, a, r4, t)
     assert (act4[:, j] - act[:, j]).abs().max() > 1e-3
-    if bins:
-        torch.testing.assert_close(logits2[:, :j], logits[:, :j])
-        torch.testing.assert_close(logits3[:, j], logits[:, j])
-        torch.testing.assert_close(logits4[:, j], logits[:, j])
-        assert (logits2[:, j] - logits[:, j]).abs().max() > 1e-3  # but it sees s_j
 
 
 # ---- data
 def test_returns_to_go_state_stats_and_timesteps():
     """Hand numbers: R_t = sum_{k>=t} r_k / 1000; states (x - mean) / (std + 1e-6) with the
     population std over all rows (a constant column divides by 1e-6, not 0); timesteps cut
-    at 999; MGDT bins over the dataset's [min, max] scaled return-to-go."""
+    at 999."""
     data = dict(observations=np.array([[0, 5], [1, 5], [2, 5], [3, 5], [4, 5]], np.float32),
                 actions=np.zeros((5, 1), np.float32),
                 rewards=np.array([1, 2, 3, 10, 20], np.float32),
                 terminals=np.array([0, 0, 1, 0, 0], bool), timeouts=np.array([0, 0, 0, 0, 1], bool))
-    d = dt.TrajectoryData(data, tiny_args(return_bins=4), torch.device("cpu"))
+    d = dt.TrajectoryData(data, tiny_args(), torch.device("cpu"))
     torch.testing.assert_close(d.rtg, torch.tensor([0.006, 0.005, 0.003, 0.030, 0.020]))
     torch.testing.assert_close(d.state_mean, torch.tensor([2.0, 5.0]))
     torch.testing.assert_close(d.state_std, torch.tensor([2 ** 0.5 + 1e-6, 1e-6]))
     torch.testing.assert_close(d.states[:, 0], (torch.arange(5.0) - 2) / (2 ** 0.5 + 1e-6))
     assert torch.all(d.states[:, 1] == 0)
-    assert (d.bins.lo, d.bins.hi) == pytest.approx((0.003, 0.030))
-    assert d.returns.tolist() == [0, 0, 0, 3, 2]  # floor((R - 0.003) / 0.027 * 4), top -> 3
     assert d.timesteps.tolist() == [0, 1, 2, 0, 1] and d.lengths.tolist() == [3, 2]
     long = dt.TrajectoryData(episodes([1003]), tiny_args(), torch.device("cpu"))
     assert long.timesteps[[0, 998, 999, 1000, 1002]].tolist() == [0, 998, 999, 999, 999]
@@ -281,20 +263,13 @@ def test_windows_right_padded_with_mask():
 
 # ---- loss, optimiser, update
 def test_loss_masks_padding_hand_numbers():
-    """MSE over the real steps only: ((.1^2 + .2^2) / 2 + (.2^2 + .9^2) / 2) / 2 = 0.225; MGDT
-    adds w * the mean return cross-entropy of the real steps (numpy reference)."""
+    """MSE over the real steps only: ((.1^2 + .2^2) / 2 + (.2^2 + .9^2) / 2) / 2 = 0.225."""
     pred = torch.tensor([[[0.1, 0.2], [0.3, -0.4], [0.9, 0.9]]])
     actions = torch.tensor([[[0.0, 0.0], [0.5, 0.5], [-5.0, -5.0]]])  # step 2 is padding
     mask = torch.tensor([[True, True, False]])
-    out = dt.loss_fn(pred, None, actions, None, mask, tiny_args())
+    out = dt.loss_fn(pred, actions, mask)
     assert out["action_loss"].item() == pytest.approx(0.225, abs=1e-7)
-    logits = torch.tensor([[[1.0, 2.0, 0.0, -1.0], [0.5, 0.0, 0.0, 3.0], [9.0, 0.0, 0.0, 0.0]]])
-    returns = torch.tensor([[2, 0, 3]])
-    out = dt.loss_fn(pred, logits, actions, returns, mask, tiny_args(return_loss_weight=0.5))
-    lp = logits[0, :2].numpy() - np.log(np.exp(logits[0, :2].numpy()).sum(-1, keepdims=True))
-    ce = -(lp[0, 2] + lp[1, 0]) / 2
-    assert out["return_loss"].item() == pytest.approx(ce, abs=1e-6)
-    assert out["total_loss"].item() == pytest.approx(0.225 + 0.5 * ce, abs=1e-6)
+    assert out["total_loss"].item() == pytest.approx(0.225, abs=1e-7)
 
 
 def test_optimizer_warmup_schedule():
@@ -331,7 +306,7 @@ def test_update_equals_reference_loop(tmp_path):
     gen, norms = torch.Generator().manual_seed(0), []
     for k in range(3):
         s, a, r, t, mask = data.sample(8, 4, gen)
-        pred = model(s, a, r, t)[0]
+        pred = model(s, a, r, t)
         loss = ((pred[mask] - a[mask]) ** 2).mean()
         opt.zero_grad()
         loss.backward()
@@ -342,31 +317,6 @@ def test_update_equals_reference_loop(tmp_path):
     saved = common.load_checkpoint(Path(out["run_dir"]) / "checkpoint.pt", "dt")["model"]
     for name, p in model.state_dict().items():
         torch.testing.assert_close(saved[name], p, atol=1e-7, rtol=0, msg=name)
-
-
-# ---- MGDT return bins and expert inference
-def test_return_bins_edges():
-    """bin(R) = clamp(floor((R - lo) / (hi - lo) * N), 0, N - 1): lo -> 0, hi -> N - 1."""
-    bins = dt.ReturnBins(-0.5, 1.5, 8)  # width 0.25
-    R = torch.tensor([-0.5, -0.25, -0.25 - 1e-4, 1.5, 1.5 - 1e-4, 1.25, 1.25 - 1e-4, 9.0, -9.0])
-    assert bins.encode(R).tolist() == [0, 1, 0, 7, 7, 7, 6, 7, 0]
-    assert bins.encode(torch.arange(8) * 0.25 - 0.375).tolist() == list(range(8))  # centres
-    with pytest.raises(ValueError, match="R_high > R_low"):
-        dt.ReturnBins(1.0, 1.0, 4)
-
-
-def test_expert_sampling_formula_kappa_10():
-    """Sec. 3.4 with kappa = 10: P(bin i) proportional to P_model(i) exp(10 (i + 0.5) / N),
-    computed by hand for a 4-bin model distribution, against 40k draws."""
-    p_model = np.array([0.4, 0.3, 0.2, 0.1])
-    logits = torch.tensor(np.log(p_model), dtype=torch.float32).expand(40_000, 4) + 3.0
-    kappa = dt.Args().expert_kappa
-    draws = dt.sample_expert_return(logits, kappa, torch.Generator().manual_seed(0))
-    tilt = p_model * np.exp(10 * (np.arange(4) + 0.5) / 4)
-    freq = torch.bincount(draws, minlength=4).numpy() / 40_000
-    assert np.allclose(freq, tilt / tilt.sum(), atol=0.01), (freq, tilt / tilt.sum())
-    plain = dt.sample_expert_return(logits, 0.0, torch.Generator().manual_seed(0))
-    assert np.allclose(torch.bincount(plain, minlength=4).numpy() / 40_000, p_model, atol=0.01)
 
 
 # ---- policy (Algorithm 1)
@@ -415,14 +365,11 @@ def test_policy_equals_official_rollout():
                                                             dtype=torch.float32))
 
 
-@pytest.mark.parametrize("bins", [0, 6])
-def test_policy_skips_finished_episodes(bins):
-    """A finished episode gets no forward pass and action 0; the others act as if nothing ended.
-    MGDT: each action is the model's action given the return bin the policy sampled."""
-    args = tiny_args(return_bins=bins, context_len=3)
+def test_policy_skips_finished_episodes():
+    """A finished episode gets no forward pass and action 0; the others act as if nothing ended."""
+    args = tiny_args(context_len=3)
     model = noisy_model(args)
-    rb = dt.ReturnBins(-1.0, 1.0, bins) if bins else None
-    pols = [dt.DTPolicy(model, args, torch.zeros(3), torch.ones(3), rb, 3600.0) for _ in range(2)]
+    pols = [dt.DTPolicy(model, args, torch.zeros(3), torch.ones(3), 3600.0) for _ in range(2)]
     rows = []
     model.embed_ln.register_forward_hook(lambda m, inp, out: rows.append(inp[0].shape[0]))
     for pol in pols:
@@ -434,16 +381,9 @@ def test_policy_skips_finished_episodes(bins):
         rows.clear()
         masked = pols[1](obs)
         seen = set(rows)
-        if bins:
-            p = min(step, 2)
-            w = (pols[1].states, pols[1].actions, pols[1].returns, pols[1].timesteps)
-            ref = model(*(x[:, :p + 1] for x in w))[0][:, -1]
-            live = [0, 2] if step >= 2 else [0, 1, 2]
-            torch.testing.assert_close(torch.as_tensor(masked[live]), ref[live])
         if step >= 2:  # episode 1 ended at step 1
             assert seen == {2} and np.all(masked[1] == 0)
-            if not bins:
-                np.testing.assert_allclose(masked[[0, 2]], full[[0, 2]], atol=1e-6)
+            np.testing.assert_allclose(masked[[0, 2]], full[[0, 2]], atol=1e-6)
         else:
             np.testing.assert_allclose(masked, full, atol=1e-6)
         pols[0].observe(rew, np.zeros(3, bool))
@@ -519,17 +459,6 @@ def test_load_policy_two_files(tiny_dataset, tmp_path):
         policy.observe(np.array([r], np.float32), np.array([term or trunc]))
 
 
-def test_mgdt_smoke(tiny_dataset):
-    out = dt.main(TINY + ["--dataset-path", str(tiny_dataset("hopper", "medium")),
-                          "--total-steps", "6", "--return-bins", "12"])
-    assert "eval/expert/return_mean" in out and np.isfinite(out["eval/return_mean"])
-    run = Path(out["run_dir"])
-    assert "losses/return_loss" in (run / "metrics.jsonl").read_text()
-    ck = common.load_checkpoint(run / "checkpoint.pt", "dt")
-    lo, hi = ck["return_range"]
-    assert hi > lo and ck["args"]["return_bins"] == 12 and _no_numpy(ck)
-
-
 def test_bad_input_errors(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
@@ -537,10 +466,8 @@ def test_bad_input_errors(tmp_path):
         dt.main(TINY + ["--eval-only", "--checkpoint", str(bad)])
     with pytest.raises(ValueError, match="--checkpoint"):
         dt.main(TINY + ["--eval-only"])
-    with pytest.raises(ValueError, match="--return-loss-weight"):
-        dt.main(TINY + ["--return-bins", "8", "--return-loss-weight", "-1"])
-    with pytest.raises(ValueError, match="--return-bins"):
-        dt.main(TINY + ["--return-bins", "1"])
+    with pytest.raises(ValueError, match="--data-fraction"):
+        dt.main(TINY + ["--data-fraction", "0"])
     with pytest.raises(ValueError, match="divisible"):
         dt.main(["--embed-dim", "10", "--n-head", "3"])
     with pytest.raises(ValueError, match="--target-returns"):
