@@ -135,6 +135,12 @@ class Episodes:
         mask = offs < length[:, None]                                                  # (B, K)
         return torch.where(mask, self.starts[ep][:, None] + offs, 0), mask
 
+    def sample(self, batch_size: int, K: int, gen: torch.Generator):
+        """-> each of `fields` at the windows' rows, (B, K, ...) with zero pads, and mask (B, K)."""
+        idx, mask = self.windows(batch_size, K, gen)
+        return (*(torch.where(mask.view(*mask.shape, *[1] * (x.ndim - 1)), x[idx], 0)
+                  for x in self.fields), mask)
+
 class TrajectoryData(Episodes):
     """Every episode flattened on the device. States z-scored with the dataset's mean and std
     (+1e-6), returns-to-go (gamma 1) divided by REWARD_SCALE, timesteps cut at MAX_EP_LEN - 1."""
@@ -156,20 +162,13 @@ class TrajectoryData(Episodes):
         self.actions = t(np.concatenate([ep["actions"] for ep in episodes]))        # (N, act_dim)
         self.rtg, self.timesteps = t(rtg / REWARD_SCALE), t(steps, torch.long)      # (N,), (N,)
         self.obs_dim, self.act_dim = self.states.shape[1], self.actions.shape[1]
+        self.fields = (self.states, self.actions, self.rtg, self.timesteps)  # sample() order
 
     def stats(self) -> dict:
         """What a policy needs besides the weights (saved in the checkpoint, no numpy)."""
         return dict(state_mean=self.state_mean, state_std=self.state_std, obs_dim=self.obs_dim,
                     act_dim=self.act_dim)
 
-    def sample(self, batch_size: int, K: int, gen: torch.Generator):
-        """-> states (B,K,obs), actions (B,K,act), returns (B,K), timesteps (B,K), mask (B,K);
-        pads are zero."""
-        idx, mask = self.windows(batch_size, K, gen)
-        m = mask.unsqueeze(-1)
-        return (torch.where(m, self.states[idx], 0.0), torch.where(m, self.actions[idx], 0.0),
-                torch.where(mask, self.rtg[idx], 0), torch.where(mask, self.timesteps[idx], 0),
-                mask)
 
 def encode_return(R: torch.Tensor) -> torch.Tensor:
     """MGDT Sec. 3.2 / official encode_return: clip(int(R), -20, 100) + 20 (int() truncates)."""
@@ -215,17 +214,10 @@ class GameData(Episodes):
         self.obs, self.actions = cat("observations"), cat("actions").long()
         self.returns = encode_return(torch.as_tensor(rtg, device=device))
         self.rewards = encode_reward(cat("rewards"))
+        self.fields = (self.obs, self.returns, self.actions, self.rewards)  # sample() order
 
     def stats(self) -> dict:
         return dict(family=self.family, games=self.games, refs=self.refs, best=self.best)
-
-    def sample(self, batch_size: int, K: int, gen: torch.Generator):
-        """-> frames (B, K, H, W, C), returns, actions, rewards (B, K) classes, mask (B, K);
-        pads are zero."""
-        idx, mask = self.windows(batch_size, K, gen)
-        return (torch.where(mask[..., None, None, None], self.obs[idx], 0),
-                *(torch.where(mask, x[idx], 0) for x in (self.returns, self.actions, self.rewards)),
-                mask)
 
 # ---- model (DT Sec. 3 "Architecture": GPT-2 blocks of the official vendored trajectory_gpt2.py)
 class Block(nn.Module):
@@ -499,64 +491,19 @@ class GamePolicy:
         self.live &= ~np.asarray(dones, dtype=bool)
         self.t += 1
 
-class GameEnv:
-    """One episode at a time: reset(seed) -> frame (H, W, C) uint8, step(a) -> (frame, r, done).
-    MinAtar as the data contract (sticky actions 0.1, difficulty ramping, channels padded);
-    Atari as the paper / official evaluation: 84x84 grayscale (area resize), frame skip 4 with
-    the max of the last two frames, 1-30 no-op starts, no sticky actions, all 18 actions."""
-
-    def __init__(self, env: str):
-        self.family, game = env.split("/", 1)
-        try:
-            if self.family == "minatar":
-                import minatar
-                self.env = minatar.Environment(game, sticky_action_prob=0.1,
-                                               difficulty_ramping=True)
-            else:
-                import ale_py
-                import gymnasium as gym
-                gym.register_envs(ale_py)
-                self.env = gym.make(f"ALE/{game}-v5", frameskip=1, repeat_action_probability=0.0,
-                                    full_action_space=True, obs_type="grayscale")
-        except ModuleNotFoundError as e:
-            raise ModuleNotFoundError(f"{env} needs the {e.name} package: pip install "
-                                      f"{'minatar' if self.family == 'minatar' else 'ale-py'}"
-                                      ) from None
-
-    def frame(self, x) -> np.ndarray:
-        H, W, C = GAME_SPEC[self.family][:3]
-        if self.family == "atari":  # (210, 160) -> (84, 84), as cv2.INTER_AREA
-            x = F.interpolate(torch.as_tensor(x, dtype=torch.float32)[None, None], (H, W),
-                              mode="area")[0, 0].round().numpy()
-        x = np.asarray(x, dtype=np.uint8).reshape(H, W, -1)
-        return np.pad(x, ((0, 0), (0, 0), (0, C - x.shape[-1])))
-
-    def reset(self, seed: int) -> np.ndarray:
-        if self.family == "minatar":
-            self.env.seed(seed)
-            self.env.reset()
-            return self.frame(self.env.state())
-        x, _ = self.env.reset(seed=seed)
-        for _ in range(np.random.default_rng(seed).integers(1, 31)):  # no-op starts
-            x, *_ = self.env.step(0)
-        return self.frame(x)
-
-    def step(self, a: int):
-        if self.family == "minatar":
-            r, done = self.env.act(int(a))
-            return self.frame(self.env.state()), float(r), bool(done)
-        frames, total, done = [], 0.0, False
-        for _ in range(4):
-            x, r, term, trunc, _ = self.env.step(int(a))
-            frames, total, done = frames[-1:] + [x], total + float(r), term or trunc
-            if done:
-                break
-        return self.frame(np.maximum(frames[0], frames[-1])), total, done
+def game_env(env: str):
+    """make_datasets.GameEnv: one place holds the data contract's env settings (for data and
+    evaluation); frames padded to the family's channels."""
+    try:
+        import make_datasets
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError("evaluating games needs make_datasets.py beside dt.py") from None
+    return make_datasets.GameEnv(env, GAME_SPEC[env.split("/")[0]][2])
 
 def evaluate_games(policy, games: list[str], refs, n: int, seed: int, max_steps=None) -> dict:
     """Episode i (seeded seed + i) of every game at once, one batched policy call per step ->
     {game: dict(returns, lengths, normalized (R - random) / (expert - random))}."""
-    envs = [GameEnv(g) for g in games for _ in range(n)]
+    envs = [game_env(g) for g in games for _ in range(n)]
     obs = np.stack([e.reset(seed + i % n) for i, e in enumerate(envs)])
     policy.reset(len(envs))
     returns, lengths, live = np.zeros(len(envs)), np.zeros(len(envs), int), np.ones(len(envs), bool)
@@ -580,33 +527,28 @@ def evaluate_games(policy, games: list[str], refs, n: int, seed: int, max_steps=
     return out
 
 def evaluate(policy, args: Args) -> dict:
-    """DT: each target return (the first is the headline) on args.eval_episodes episodes at
-    once; games: every game at once, expert inference or the --target-returns -> {name: dict}."""
-    model, out = policy.model, {}
+    """DT: each target return on args.eval_episodes episodes at once; games: every game at once,
+    expert inference or the --target-returns. -> each entry's mean return and normalized score,
+    and the headline (DT: the first target's; games: the mean over games)."""
+    model, games, res = policy.model, isinstance(policy, GamePolicy), {}
     was_training = model.training
     model.eval()
-    if isinstance(policy, GamePolicy):
+    if games:
         s, n = policy.stats, args.eval_episodes
         policy.kappa = args.expert_kappa
         targets = args.target_returns and np.broadcast_to(args.target_returns, len(s["games"]))
         policy.targets = None if targets is None else np.repeat(targets, n)
-        out = evaluate_games(policy, s["games"], s["refs"], n, args.seed + 10_000,
+        res = evaluate_games(policy, s["games"], s["refs"], n, args.seed + 10_000,
                              args.eval_max_steps)
     else:
         for target in policy.args.target_returns or TARGET_RETURNS[args.env]:
             policy.target = target
-            out[f"target{target:g}"] = common.evaluate(
+            res[f"target{target:g}"] = common.evaluate(
                 policy, args.env, args.eval_episodes, seed=args.seed + 10_000,
                 max_steps=args.eval_max_steps, dataset=args.dataset)
     model.train(was_training)
-    return out
-
-def summary(results: dict, games: bool = False) -> dict:
-    """Headline (DT: the first target; games: the mean over games) and per-entry means."""
-    out = {}
-    for name, res in results.items():
-        out[f"eval/{name}/return_mean"] = float(res["returns"].mean())
-        out[f"eval/{name}/normalized_score"] = float(res["normalized"].mean())
+    out = {f"eval/{name}/{key}": float(r[field].mean()) for name, r in res.items()
+           for key, field in (("return_mean", "returns"), ("normalized_score", "normalized"))}
     for key in ("return_mean", "normalized_score"):
         values = [v for k, v in out.items() if k.endswith("/" + key)]
         out[f"eval/{key}"] = float(np.mean(values) if games else values[0])
@@ -650,16 +592,34 @@ def check_args(args: Args) -> Args:
 def checkpoint_args(ckpt: dict) -> Args:
     return Args(**{k: v for k, v in ckpt["args"].items() if k in Args.__dataclass_fields__})
 
-def build(args: Args, device):
-    """-> data (TrajectoryData or GameSet) and a fresh model for it."""
+def load_data(args: Args, device):
+    """-> TrajectoryData (args.env becomes the dataset's env) or GameData of the games."""
     if not is_game(args.env):
         dataset = common.load_dataset(args.env, args.dataset, path=args.dataset_path)
         args.env = dataset.env
-        data = TrajectoryData(dataset, args, device)
-        return data, DecisionTransformer(data.obs_dim, data.act_dim, args).to(device)
-    data = GameData({g: common.load_dataset(g, args.dataset, path=args.dataset_path)
+        return TrajectoryData(dataset, args, device)
+    return GameData({g: common.load_dataset(g, args.dataset, path=args.dataset_path)
                      for g in args.env.split("+")}, args, device)
-    return data, MultiGameDT(data.family, args).to(device)
+
+def make_model(args: Args, stats: dict) -> nn.Module:
+    """A fresh model for data.stats() (or a checkpoint, which holds them)."""
+    if "games" in stats:
+        return MultiGameDT(stats["family"], args)
+    return DecisionTransformer(stats["obs_dim"], stats["act_dim"], args)
+
+def run_args(args: Args):
+    """-> the run's args and the weights it starts from. --resume: the checkpoint's settings but
+    this command's run length and evaluation; --checkpoint: fine-tuning (Sec. 4.5), the
+    checkpoint's architecture and weights."""
+    if args.resume:
+        keep = ("resume", "total_steps", "eval_every", "eval_episodes", "eval_max_steps", "cuda")
+        saved = checkpoint_args(common.load_checkpoint(args.resume, "dt"))
+        return dataclasses.replace(saved, **{k: getattr(args, k) for k in keep}), None
+    if args.checkpoint:
+        tuned = common.load_checkpoint(args.checkpoint, "dt")
+        arch = ("embed_dim", "n_layer", "n_head", "context_len")
+        return dataclasses.replace(args, **{k: tuned["args"][k] for k in arch}), tuned["model"]
+    return args, None
 
 def make_policy(model, stats: dict, args: Args):
     if "games" in stats:
@@ -674,21 +634,15 @@ def main(argv=None) -> dict:
         policy = load_policy(args.checkpoint, device)
         args.env = policy.args.env
         policy.args.target_returns = args.target_returns or policy.args.target_returns
-        out = summary(evaluate(policy, args), is_game(args.env))
+        out = evaluate(policy, args)
         print(f"[dt] {args.checkpoint}: {report(out)}")
         return out
-    if args.resume:  # the run's own settings; this command's run length and evaluation
-        keep = ("resume", "total_steps", "eval_every", "eval_episodes", "eval_max_steps", "cuda")
-        saved = checkpoint_args(common.load_checkpoint(args.resume, "dt"))
-        args = dataclasses.replace(saved, **{k: getattr(args, k) for k in keep})
-    elif args.checkpoint:  # Sec. 4.5 fine-tuning: the checkpoint's architecture and weights
-        tuned = common.load_checkpoint(args.checkpoint, "dt")
-        arch = ("embed_dim", "n_layer", "n_head", "context_len")
-        args = dataclasses.replace(args, **{k: tuned["args"][k] for k in arch})
+    args, weights = run_args(args)
     common.set_seed(args.seed)
-    data, model = build(args, device)
-    if args.checkpoint and not args.resume:
-        model.load_state_dict(tuned["model"])
+    data = load_data(args, device)
+    model = make_model(args, data.stats()).to(device)
+    if weights is not None:
+        model.load_state_dict(weights)
     optimizer, scheduler = make_optimizer(model, args)
     gen = torch.Generator(device=device).manual_seed(args.seed)  # the batch sampler's stream
     run = common.Run(args, "dt", extra=data.stats(), model=model, optimizer=optimizer,
@@ -711,7 +665,7 @@ def main(argv=None) -> dict:
             run.log(**{f"losses/{k}": v for k, v in losses.items()},
                     **{"charts/learning_rate": scheduler.get_last_lr()[0]})
         if run.every(args.eval_every):
-            out = summary(evaluate(make_policy(model, data.stats(), args), args), is_game(args.env))
+            out = evaluate(make_policy(model, data.stats(), args), args)
             run.log(**out)
             run.save()
     out["run_dir"] = str(run.finish())
@@ -724,10 +678,7 @@ def load_policy(path, device="cpu"):
     first target return; MGDT uses expert inference (policy.kappa, policy.targets)."""
     ckpt = common.load_checkpoint(path, "dt")
     args = checkpoint_args(ckpt)
-    if "games" in ckpt:
-        model = MultiGameDT(ckpt["family"], args)
-    else:
-        model = DecisionTransformer(ckpt["obs_dim"], ckpt["act_dim"], args)
+    model = make_model(args, ckpt)
     model.load_state_dict(ckpt["model"])
     return make_policy(model.to(device).eval(), ckpt, args)
 

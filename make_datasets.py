@@ -15,6 +15,10 @@ v5 environments because it needs nothing but numpy and a few CPU minutes, so sco
 the D4RL references are labelled "D4RL-normalized". Deterministic per seed; atomic writes.
 `common.load_dataset` calls `prepare` on a cache miss: it generates, or reads and validates a
 user's .npz / D4RL .hdf5 file or a local Minari dataset.
+Games (Multi-Game DT): "minatar/<game>" dataset "dqn" is the whole learning history of a DQN
+agent (MinAtar's examples/dqn.py; deviation: an update every 4th frame, 500k frames, for 2 CPUs)
+with its final policy's and a random policy's scores (`python make_datasets.py --env minatar/all
+--workers 2`); "atari/<Game>" dataset "dqn-replay" reads Dopamine DQN-Replay files (--dataset-path).
 """
 
 from __future__ import annotations
@@ -519,6 +523,62 @@ def minatar_reset(env, seed: int) -> np.ndarray:
     env.reset()
     env.last_action = 0
     return env.state().astype(np.uint8)
+
+
+ATARI_FRAME = (84, 84)  # evaluation frames: the DQN-Replay data's size
+ATARI_FRAME_SKIP = 4
+ATARI_NOOP_MAX = 30
+
+
+class GameEnv:
+    """The evaluation env of a game, one episode: reset(seed) -> frame (H, W, channels) uint8,
+    step(a) -> (frame, r, done); channels zero-padded to `channels` when given. MinAtar with the
+    data's settings (minatar_env, minatar_reset); Atari as the MGDT paper's / official evaluation:
+    84x84 grayscale (area resize), frame skip 4 with the max of the last two frames, 1-30 no-op
+    starts, no sticky actions, all 18 actions."""
+
+    def __init__(self, env: str, channels: int | None = None):
+        self.family, game = env.split("/", 1)
+        self.channels = channels
+        if self.family == "minatar":
+            self.env = minatar_env(game)
+            return
+        try:
+            import ale_py
+        except ImportError as e:
+            raise ImportError("Atari games need ale-py: pip install ale-py") from e
+        import gymnasium as gym
+        gym.register_envs(ale_py)
+        self.env = gym.make(f"ALE/{game}-v5", frameskip=1, repeat_action_probability=0.0,
+                            full_action_space=True, obs_type="grayscale")
+
+    def frame(self, x) -> np.ndarray:
+        if self.family == "atari":  # (210, 160) -> (84, 84), as cv2.INTER_AREA
+            x = torch.nn.functional.interpolate(torch.as_tensor(x, dtype=torch.float32)[None, None],
+                                                ATARI_FRAME, mode="area")[0, 0].round().numpy()
+        x = np.asarray(x, dtype=np.uint8).reshape(*x.shape[:2], -1)
+        pad = (self.channels or x.shape[-1]) - x.shape[-1]
+        return np.pad(x, ((0, 0), (0, 0), (0, pad)))
+
+    def reset(self, seed: int) -> np.ndarray:
+        if self.family == "minatar":
+            return self.frame(minatar_reset(self.env, seed))
+        x, _ = self.env.reset(seed=seed)
+        for _ in range(np.random.default_rng(seed).integers(1, ATARI_NOOP_MAX + 1)):  # no-ops
+            x, *_ = self.env.step(0)
+        return self.frame(x)
+
+    def step(self, a: int):
+        if self.family == "minatar":
+            r, done = self.env.act(int(a))
+            return self.frame(self.env.state()), float(r), bool(done)
+        frames, total, done = [], 0.0, False
+        for _ in range(ATARI_FRAME_SKIP):
+            x, r, term, trunc, _ = self.env.step(int(a))
+            frames, total, done = frames[-1:] + [x], total + float(r), term or trunc
+            if done:
+                break
+        return self.frame(np.maximum(frames[0], frames[-1])), total, done
 
 
 def epsilon_at(t: int) -> float:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import common
 import dt
+import make_datasets
 
 GAMES = ("minatar/breakout", "minatar/asterix")
 TINY = ["--embed-dim", "16", "--n-layer", "1", "--n-head", "2", "--batch-size", "8",
@@ -309,7 +310,7 @@ def test_action_space_union():
     for g in dt.MINATAR_GAMES:
         assert minatar.Environment(g).num_actions() == 6
     assert dt.MultiGameDT("minatar", tiny_args()).predict_action.out_features == 6
-    env = dt.GameEnv("atari/Pong")
+    env = make_datasets.GameEnv("atari/Pong")
     assert env.env.action_space.n == 18
 
 
@@ -359,7 +360,7 @@ def test_atari_env_preprocessing():
     (1..30, seeded); no sticky actions: the same seed and actions give the same frames."""
     import ale_py
     import gymnasium as gym
-    env = dt.GameEnv("atari/Breakout")
+    env = make_datasets.GameEnv("atari/Breakout")
     frames = [env.reset(3)]
     rewards = []
     for a in (1, 3, 4, 0):
@@ -381,7 +382,7 @@ def test_atari_env_preprocessing():
     for a, f in zip((1, 3, 4, 0), frames[1:]):
         xs = [raw.step(a)[0] for _ in range(4)]
         np.testing.assert_array_equal(f[..., 0], resize(np.maximum(xs[-2], xs[-1])))
-    again = dt.GameEnv("atari/Breakout")
+    again = make_datasets.GameEnv("atari/Breakout")
     np.testing.assert_array_equal(again.reset(3), frames[0])
 
 
