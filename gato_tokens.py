@@ -4,8 +4,7 @@ Reed et al. 2022, "A Generalist Agent", arXiv 2205.06175: tokens (Sec. 2.1, App.
 patch positions (App. C.3), masked next-token training with prompts (Sec. 2.1-2.3), the 80% expert
 filter (Sec. 3.1), prompted control (Sec. 2.4), the random-to-expert score (Sec. 4.1). One model
 learns hopper and halfcheetah; defaults are the 79M setting (App. C.1). Deviations and choices:
-- GELU, not App. C.1's GEGLU: a gate as wide as the 3072 hidden units would make the 79M setting
-  101.4M parameters; with GELU and the shared table it has 82.5M.
+- GELU, not App. C.1's GEGLU (a gate as wide as the 3072 hidden units: 101.4M parameters; 82.5M).
 - No image path in the model (App. C.2 ResNet block): images are tokenized (patches, intervals,
   App. C.3 positions) and tested, but the demo tasks have none.
 - The separator gets a local position of its own (App. C.3 indexes observation tokens and gives
@@ -20,14 +19,15 @@ Quick run (CPU): python gato_tokens.py --n-layer 2 --n-embd 128 --n-head 4 --dro
     --seq-len 48 --batch-size 64 --lr 1e-3 --warmup-steps 300 --total-steps 4560 --vocab action \
     --action-positions index --eval-every 2280 --temperature 0 --no-cuda
 """
-from __future__ import annotations
-
 import math
+import os
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from typing import Callable, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -65,7 +65,7 @@ class Args:
     seq_len: int = 1024
     """tokens per training sequence and context length L at evaluation (Gato: 1024)"""
     batch_size: int = 512
-    """sequences per batch (Gato: 512)"""
+    """sequences per batch (Gato: 512); under torchrun per process: the batch is this x processes"""
     lr: float = 1e-4
     """peak learning rate of AdamW (Gato: 1e-4)"""
     warmup_steps: int = 15_000
@@ -96,11 +96,9 @@ class Args:
 # ---- Tokens (App. B, Sec. 2.1): text [0, 32000), discrete [0, 1024), continuous [32000, 33024)
 TEXT_VOCAB, DISCRETE_VOCAB = 32_000, 1024   # text ids [0, 32000), discrete values [0, 1024)
 MU, M = 100.0, 256.0           # mu-law constants (App. B)
-N_BINS = 1024                  # uniform bins on [-1, 1] ...
-CONT_OFFSET = 32_000           # ... shifted to [32000, 33024)
+N_BINS, CONT_OFFSET = 1024, 32_000  # uniform bins on [-1, 1], shifted to [32000, 33024)
 SEPARATOR = CONT_OFFSET + N_BINS   # '|' between observation and action tokens: 33024
-PAD = SEPARATOR + 1            # right padding of short sequences, never a target: 33025
-VOCAB_SIZE = PAD + 1
+PAD, VOCAB_SIZE = SEPARATOR + 1, SEPARATOR + 2  # right padding, never a target: 33025; 33026 ids
 PATCH, POS_BINS = 16, 128      # 16x16 image patches (Sec. 2.1), intervals in 128 (App. C.3)
 IMAGE_PATCH = -1               # a patch's place in a timestep's ids (patches are embedded aside)
 OBS_POSITIONS = 512            # local observation positions 0..511 (App. C.3: "like 512")
@@ -183,9 +181,8 @@ def patch_positions(intervals, rng: Optional[np.random.Generator] = None) -> np.
     """Row / column indices (n, 2) of App. C.3: training (rng given) samples uniformly in
     [from, to); evaluation takes the mean of the interval, rounded half up."""
     lo, hi = intervals[:, [0, 2]], intervals[:, [1, 3]]
-    if rng is None:
-        return np.floor((lo + hi) / 2 + 0.5).astype(np.int64)
-    return lo + np.floor(rng.random(lo.shape) * (hi - lo)).astype(np.int64)
+    return (np.floor((lo + hi) / 2 + 0.5) if rng is None else
+            lo + np.floor(rng.random(lo.shape) * (hi - lo))).astype(np.int64)
 
 # ---- Sequence layout (Sec. 2.1): [observation tokens (keys sorted), '|', action tokens], positions
 def local_positions(n_obs: int, n_act: int, action_positions: str = "shared") -> np.ndarray:
@@ -194,9 +191,8 @@ def local_positions(n_obs: int, n_act: int, action_positions: str = "shared") ->
     index = action_positions == "index"
     if n_obs + index * (1 + n_act) > OBS_POSITIONS:
         raise ValueError(f"{n_obs} + 1 + {n_act} tokens overflow the {OBS_POSITIONS} positions")
-    if index:
-        return np.arange(n_obs + 1 + n_act)
-    return np.concatenate([np.arange(n_obs), [SEP_POS], np.full(n_act, ACT_POS)])
+    return np.arange(n_obs + 1 + n_act) if index else np.concatenate(
+        [np.arange(n_obs), [SEP_POS], np.full(n_act, ACT_POS)])
 
 def _leaves(obs, name="observation"):
     """Nested observations in lexicographic key order (Sec. 2.1) as (name, value)."""
@@ -268,27 +264,26 @@ class Task:
         self.local_pos, self.loss_mask = lay["local_pos"], lay["loss_mask"].astype(bool)
         self.n_obs, self.n_act, self.n_t = obs.shape[1], act.shape[1], self.tokens.shape[1]
         lengths = np.array([len(e["rewards"]) for e in eps])
-        self.starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])[keep]
-        self.lengths = lengths[keep]
+        self.starts, self.lengths = (np.cumsum(lengths) - lengths)[keep], lengths[keep]
         print(f"[gato] {env}: kept {keep.sum()}/{len(eps)} episodes (expert return "
               f"{self.expert_return:.0f}), {self.n_t} tokens / timestep, mu-law {self.squash}")
 
 PROMPT_PROB = 0.25      # Sec. 2.3: 25% of a batch's sequences get a prompt ...
 PROMPT_END_PROB = 0.5   # ... half taken from an episode's end, half uniformly
 
-def sample_batch(tasks: list[Task], args: Args, gen: torch.Generator):
+def sample_batch(tasks: list[Task], args: Args, gen: torch.Generator, rank=0, world=1):
     """B sequences of L tokens (right-padded): the first round(B / 4) are [a prompt from a kept
-    episode of the same task, an episode window], the rest an episode window (Sec. 2.3).
-    Returns tokens, local_pos (B, L) and the indices into the flat (B, L - 1) predictions whose
-    next token has loss mask 1 (Eq. 2: prediction t is scored on token t + 1)."""
+    episode of the same task, an episode window], the rest an episode window (Sec. 2.3) -> tokens,
+    local_pos (B, L), indices into the flat (B, L - 1) predictions whose next token (Eq. 2) has
+    loss mask 1. torchrun: all ranks draw B x world rows, rank r builds [r B, r B + B): in step."""
     B, L = args.batch_size, args.seq_len
     tokens, pos, mask = np.full((B, L), PAD), np.zeros((B, L), np.int64), np.zeros((B, L), bool)
-    u = torch.rand((B, 6), generator=gen, dtype=torch.float64).numpy()
+    u = torch.rand((B * world, 6), generator=gen, dtype=torch.float64).numpy()[rank * B:][:B]
     pick = lambda i, n: int(u[b, i] * n)  # noqa: E731  uniform integer in [0, n)
     for b in range(B):
         task = tasks[pick(0, len(tasks))]
         n_fit = L // task.n_t
-        p = n_fit // 2 if b < round(PROMPT_PROB * B) else 0           # prompt: half (our choice)
+        p = n_fit // 2 if rank * B + b < round(PROMPT_PROB * B * world) else 0  # prompt: half
         idx = []
         if p:
             e = pick(1, len(task.starts))
@@ -342,8 +337,8 @@ class GatoModel(nn.Module):
         self.tok_emb = nn.Embedding(VOCAB_SIZE - self.id_lo, d)
         self.pos_emb = nn.Embedding(OBS_POSITIONS + 2, d)              # + separator, action rows
         self.drop = nn.Dropout(args.dropout)
-        self.blocks = nn.ModuleList([Block(d, args.n_head, args.dropout)
-                                     for _ in range(args.n_layer)])
+        self.blocks = nn.ModuleList(Block(d, args.n_head, args.dropout)
+                                    for _ in range(args.n_layer))
         self.ln_f = nn.LayerNorm(d)
         self.out = (CONT_OFFSET, CONT_OFFSET + N_BINS) if args.vocab == "action" else (0, PAD)
         for m in self.modules():
@@ -364,11 +359,12 @@ class GatoModel(nn.Module):
         lo, hi = self.out if lo is None else (lo, hi)
         return h @ self.tok_emb.weight[lo - self.id_lo: hi - self.id_lo].T
 
-    def loss(self, tokens, local_pos, tgt):
-        """Masked next-token cross-entropy (Sec. 2.1, Eq. 2) at the targets tgt (sample_batch)."""
-        h = self(tokens, local_pos)[:, :-1].reshape(-1, self.tok_emb.embedding_dim)
+    def loss(self, h, tokens, tgt, n_tgt=None):
+        """Eq. 2: next-token CE of h = self(tokens, pos) at targets tgt, sum / n_tgt (or mean)."""
         y = tokens[:, 1:].reshape(-1)[tgt] - self.out[0]                # (n_targets,)
-        return F.cross_entropy(self.logits(h[tgt]).float(), y)
+        h = h[:, :-1].reshape(-1, h.shape[-1])[tgt]                     # (n_targets, d)
+        ce = F.cross_entropy(self.logits(h).float(), y, reduction="sum")
+        return ce / (len(y) if n_tgt is None else n_tgt)
 
 # ---- Control (Sec. 2.4): prompt, then observation tokens and sampled action tokens, window L -----
 class GatoPolicy:
@@ -390,8 +386,7 @@ class GatoPolicy:
     def context(self, obs):
         """The last floor(L / n_t) whole timesteps of [prompt, past timesteps, observation '|']:
         tokens (N, T) and local_pos (T,); the current timestep lacks its action tokens."""
-        cur = layout_timestep(obs, None, self.squash,
-                              action_positions=self.args.action_positions)
+        cur = layout_timestep(obs, None, self.squash, action_positions=self.args.action_positions)
         past = self.history[:, max(0, self.history.shape[1] - self.window + 1):]  # (N, < w, n_t)
         tokens = np.concatenate([past.reshape(len(obs), -1), cur["tokens"]], 1)
         return tokens, np.concatenate([np.tile(self.step_pos, past.shape[1]), cur["local_pos"]])
@@ -403,8 +398,7 @@ class GatoPolicy:
         n, act_pos = len(ctx), self.step_pos[-self.n_act:]
         tok = torch.as_tensor(ctx, device=self.device)
         pos = torch.as_tensor(pos, device=self.device).expand(n, -1)
-        caches = [[None, None] for _ in self.model.blocks]
-        acts = []
+        caches, acts = [[None, None] for _ in self.model.blocks], []
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
             h = self.model(tok, pos, caches)[:, -1]                     # (N, d) at '|'
             for j in range(self.n_act):
@@ -418,10 +412,8 @@ class GatoPolicy:
                 p = torch.full((n, 1), int(act_pos[j]), device=self.device)
                 tok, pos = torch.cat([tok, a[:, None]], 1), torch.cat([pos, p], 1)
                 # speed: the key-value cache runs only the new token (tested equal to the full pass)
-                if self.kv_cache:
-                    h = self.model(a[:, None], p, caches)[:, -1]
-                else:
-                    h = self.model(tok, pos)[:, -1]
+                h = (self.model(a[:, None], p, caches) if self.kv_cache
+                     else self.model(tok, pos))[:, -1]
         a_tok = torch.stack(acts, 1).cpu().numpy()                      # (N, n_act)
         step = np.concatenate([ctx[:, -(self.n_t - self.n_act):], a_tok], 1)[:, None]
         self.history = np.concatenate([self.history, step], 1)[:, -self.window:]
@@ -433,8 +425,7 @@ def load_policy(path, device="cpu", env: Optional[str] = None, temperature=None,
     args = Args(**{k: v for k, v in ckpt["args"].items() if k in Args.__dataclass_fields__})
     args = replace(args, seed=seed, temperature=args.temperature if temperature is None
                    else temperature)
-    if env is None and len(ckpt["meta"]) == 1:
-        env = next(iter(ckpt["meta"]))
+    env = next(iter(ckpt["meta"])) if env is None and len(ckpt["meta"]) == 1 else env
     if env not in ckpt["meta"]:
         raise ValueError(f"{path} learned {'+'.join(ckpt['meta'])}: pass env= one of them")
     model = GatoModel(args)
@@ -450,8 +441,8 @@ def random_return(env: str, args: Args) -> float:
     """Mean return of uniform random actions over the evaluation episodes."""
     space, rng = common.make_env(env).action_space, np.random.default_rng(args.seed)
     act = lambda obs: rng.uniform(space.low, space.high, (len(obs), *space.shape))  # noqa: E731
-    r = common.evaluate(act, env, args.eval_episodes, args.seed, args.eval_max_steps, False)
-    return float(r["returns"].mean())
+    return float(common.evaluate(act, env, args.eval_episodes, args.seed, args.eval_max_steps,
+                                 False)["returns"].mean())
 
 def evaluate(policies: dict, args: Args) -> dict:
     """{env: policy} -> eval/{env}/... metrics; eval/normalized_score: mean Sec. 4.1 score."""
@@ -504,45 +495,55 @@ def main(argv=None) -> dict:
     assert args.vocab in ("full", "action"), f"--vocab is full or action, not {args.vocab}"
     assert args.action_positions in ("shared", "index"), "--action-positions: shared or index"
     assert args.checkpoint or not args.eval_only, "--eval-only needs --checkpoint PATH"
-    common.set_seed(args.seed)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun
+    common.set_seed(args.seed + rank)                                    # dropout differs by rank
     device = common.get_device(args.cuda)
     if args.eval_only:
-        policies = {env: load_policy(args.checkpoint, device, env, args.temperature, args.seed)
-                    for env in args.env.split("+")}
-        metrics = evaluate(policies, args)
+        metrics = evaluate({env: load_policy(args.checkpoint, device, env, args.temperature,
+                                             args.seed) for env in args.env.split("+")}, args)
         print(" ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
         return metrics
-
+    if world > 1:  # a GPU per process; gloo for CPU tensors, NCCL for CUDA; stuck 1 h: raises
+        if device.type == "cuda":
+            torch.cuda.set_device(device := torch.device("cuda", int(os.environ["LOCAL_RANK"])))
+        dist.init_process_group(timeout=timedelta(hours=1))
     tasks = load_tasks(args)
     meta = {t.env: task_meta(t, args) for t in tasks}
-    model = GatoModel(args).to(device)
+    model = GatoModel(args).to(device)                  # DDP copies rank 0's weights to the others
+    ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     opt, sched = make_optimizer(model, args)
     gen = torch.Generator().manual_seed(args.seed)                       # the batch sampler
     run = common.Run(args, "gato_tokens", extra=lambda: dict(meta=meta), model=model,
                      optimizer=opt, scheduler=sched, sampler=gen)
     print(f"[gato] {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
     metrics = {}
-    model.train()
     for step in run.loop(args.total_steps):
-        tok, pos, tgt = (torch.as_tensor(a).to(device) for a in sample_batch(tasks, args, gen))
+        batch = sample_batch(tasks, args, gen, rank, world)
+        tok, pos, tgt = (torch.as_tensor(a).to(device) for a in batch)
+        n_tgt = torch.tensor(float(len(tgt)), device=device)  # / their mean over ranks: the
+        if world > 1:  # DDP gradient mean is then Eq. 2 on the whole batch
+            dist.all_reduce(n_tgt)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            loss = model.loss(tok, pos, tgt)                           # masked CE (Eq. 2)
+            loss = model.loss(ddp(tok, pos), tok, tgt, n_tgt / world)  # masked CE (Eq. 2)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         if run.every(100):
+            if world > 1:                                               # the whole batch's loss
+                dist.all_reduce(loss := loss.detach() / world)
             run.log(**{"losses/loss": loss.item(), "charts/learning_rate": sched.get_last_lr()[0]})
         if run.every(args.eval_every):
-            model.eval()
             gen_eval = torch.Generator(device).manual_seed(args.seed)
-            metrics = evaluate({e: GatoPolicy(model, meta[e], args, device, gen_eval)
-                                for e in meta}, args)
+            policies = {e: GatoPolicy(model.eval(), meta[e], args, device, gen_eval) for e in meta}
+            metrics = {} if rank else evaluate(policies, args)  # rank 0 alone evaluates
             model.train()
             run.log(**metrics)
             run.save()
     run_dir = run.finish()
+    if world > 1:
+        dist.destroy_process_group()
     return dict(metrics, run_dir=str(run_dir), checkpoint=str(run_dir / "checkpoint.pt"))
 
 if __name__ == "__main__":

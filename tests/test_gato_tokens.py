@@ -250,7 +250,7 @@ def test_loss_mask_only_actions_shifted_by_one():
     logits = model(t, p)[:, :-1] @ model.tok_emb.weight[:1024].T  # (B, L-1, 1024) bins
     ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 1024)[want],
                                             t[:, 1:].reshape(-1)[want] - 32000)
-    torch.testing.assert_close(model.loss(t, p, torch.as_tensor(tgt)), ref)
+    torch.testing.assert_close(model.loss(model(t, p), t, torch.as_tensor(tgt)), ref)
 
 
 # ---- model (App. C.1) and control (Sec. 2.4) ----------------------------------------------------
