@@ -14,7 +14,7 @@ import common
 import gato_tokens as g
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--env", "hopper", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--seq-len", "48",
+TINY = ["--env", "hopper", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--seq-len", "300",
         "--vocab", "action", "--eval-episodes", "1", "--eval-max-steps", "3", "--warmup-steps", "1",
         "--lr", "1e-3", "--no-cuda", "--dropout", "0.0", "--filter-frac", "0.0"]
 
@@ -45,7 +45,7 @@ def test_two_ranks_one_update_equals_one_process_on_both_batches(tiny_dataset, t
     b = common.load_checkpoint(ddp / "checkpoint.pt", "gato_tokens")
     assert not any(k.startswith("module.") for k in b["model"])  # loads without DDP
     assert len(b["ranks"]) == 2 and b["step"] == 1
-    init = g.GatoModel(g.Args(n_layer=1, n_embd=32, n_head=2, seq_len=48, vocab="action"))
+    init = g.GatoModel(g.Args(n_layer=1, n_embd=32, n_head=2, seq_len=300, vocab="action"))
     moved = 0.0
     for k, v in a["model"].items():
         torch.testing.assert_close(b["model"][k], v, rtol=0, atol=1e-6)
