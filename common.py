@@ -37,7 +37,9 @@ def env_id(env: str) -> str:
         return ENVS.get(env, env)
     raise ValueError(f"unknown env {env!r}: use {', '.join(ENVS)} or a Gymnasium id (Hopper-v5)")
 
-def make_env(env: str) -> gym.Env:
+def make_env(env: str, **kw):
+    if env.startswith(("minatar/", "atari/")):  # games: the data's settings, one episode
+        return __import__("make_datasets").GameEnv(env, **kw)
     return gym.make(env_id(env), disable_env_checker=True)  # the checker costs ~20% of a step
 
 def env_dims(env: str) -> tuple[int, int]:
@@ -114,8 +116,7 @@ def evaluate(policy, env: str, n_episodes=10, seed=0, max_steps=None, progress=T
     limit = max_steps or envs.envs[0].spec.max_episode_steps or 10**6
     with tqdm(total=n_episodes * limit, desc="eval", unit="step", disable=not progress) as bar:
         for _ in range(limit):
-            act = policy(obs.astype(np.float32))
-            act = act.detach().cpu().numpy() if isinstance(act, torch.Tensor) else np.asarray(act)
+            act = np.asarray(torch.as_tensor(policy(obs.astype(np.float32))).detach().cpu())
             obs, rew, term, trunc, _ = envs.step(act.reshape(envs.action_space.shape))
             rew, done = np.where(active, rew, 0.0), term | trunc | ~active
             returns, lengths = returns + rew, lengths + active
@@ -153,8 +154,7 @@ def parse_args(cls, argv=None):
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 def set_seed(seed: int) -> None:
-    for seed_fn in (random.seed, np.random.seed, torch.manual_seed):
-        seed_fn(seed)
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
 
 def get_device(cuda: bool = True) -> torch.device:
     return torch.device("cuda" if cuda and torch.cuda.is_available() else "cpu")

@@ -23,11 +23,14 @@ Named deviations (and why):
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
@@ -48,7 +51,6 @@ LOG_EVERY = 100        # updates between loss logs
 RETURN_MIN, RETURN_MAX = -20, 100
 N_RETURNS, N_REWARDS = RETURN_MAX - RETURN_MIN + 1, 4
 RETURN_SAMPLES, RETURN_TEMPERATURE, ACTION_TOP_PERCENTILE = 128, 0.75, 50
-MINATAR_GAMES = ("asterix", "breakout", "freeway", "seaquest", "space_invaders")
 MAX_EPISODE_STEPS = 2500  # MinAtar evaluation cap (the data contract, make_datasets.py)
 # family: frame H, W, channels, patch size, actions (one set for all games), pixel scale, step cap
 GAME_SPEC = {"minatar": (10, 10, 10, 5, 6, 1.0, MAX_EPISODE_STEPS),
@@ -76,7 +78,8 @@ class Args:
     total_steps: int = 100_000
     """gradient updates (official: 10 iterations x 10k steps)"""
     batch_size: int = 64
-    """windows per update (games: each window's game drawn uniformly)"""
+    """windows per update (games: each window's game drawn uniformly); torchrun: per process,
+    the batch is this x processes"""
     lr: float = 1e-4
     """AdamW learning rate (weight decay 1e-4)"""
     eval_every: int = 10_000
@@ -135,9 +138,10 @@ class Episodes:
         mask = offs < length[:, None]                                                  # (B, K)
         return torch.where(mask, self.starts[ep][:, None] + offs, 0), mask
 
-    def sample(self, batch_size: int, K: int, gen: torch.Generator):
-        """-> each of `fields` at the windows' rows, (B, K, ...) with zero pads, and mask (B, K)."""
-        idx, mask = self.windows(batch_size, K, gen)
+    def sample(self, B: int, K: int, gen: torch.Generator, rank: int = 0, world: int = 1):
+        """-> each of `fields` at the windows' rows, (B, K, ...) with zero pads, and mask (B, K).
+        torchrun: every rank draws the B x world windows of one stream and keeps its B."""
+        idx, mask = (x[rank * B:(rank + 1) * B] for x in self.windows(B * world, K, gen))
         return (*(torch.where(mask.view(*mask.shape, *[1] * (x.ndim - 1)), x[idx], 0)
                   for x in self.fields), mask)
 
@@ -345,19 +349,22 @@ class MultiGameDT(nn.Module):
         return (self.predict_return(x[:, :, P - 1]), self.predict_action(x[:, :, P]),
                 self.predict_reward(x[:, :, P + 1]))
 
-def loss_fn(pred, actions, mask) -> dict:
-    """DT Sec. 3: MSE on the actions of real steps (padding masked out; official seq_trainer.py)."""
+def loss_fn(pred, actions, mask, n=None) -> dict:
+    """DT Sec. 3: MSE on the actions of real steps (padding masked out; official seq_trainer.py),
+    summed / n (default: the batch's real steps)."""
     m = mask.float()                                                                # (B, K)
-    action_loss = (((pred.float() - actions) ** 2).mean(-1) * m).sum() / m.sum()
+    n = m.sum() if n is None else n
+    action_loss = (((pred.float() - actions) ** 2).mean(-1) * m).sum() / n
     return dict(action_loss=action_loss, total_loss=action_loss)
 
-def game_loss(logits, batch) -> dict:
+def game_loss(logits, batch, n=None) -> dict:
     """Official sequence_loss: the mean of the R_t, a_t and r_t cross-entropies, here over the
-    real steps; the patch tokens get no loss (nothing predicts o_t)."""
+    real steps (summed / n, default their number); the patch tokens get no loss (nothing
+    predicts o_t)."""
     *_, returns, actions, rewards, mask = batch
     m = mask.float()
     out = {f"{name}_loss": (F.cross_entropy(z.float().transpose(1, 2), y, reduction="none")
-                            * m).sum() / m.sum()
+                            * m).sum() / (m.sum() if n is None else n)
            for name, z, y in zip(("return", "action", "reward"), logits,
                                  (returns, actions, rewards))}
     out["total_loss"] = sum(out.values()) / 3
@@ -491,19 +498,11 @@ class GamePolicy:
         self.live &= ~np.asarray(dones, dtype=bool)
         self.t += 1
 
-def game_env(env: str):
-    """make_datasets.GameEnv: one place holds the data contract's env settings (for data and
-    evaluation); frames padded to the family's channels."""
-    try:
-        import make_datasets
-    except ModuleNotFoundError:
-        raise ModuleNotFoundError("evaluating games needs make_datasets.py beside dt.py") from None
-    return make_datasets.GameEnv(env, GAME_SPEC[env.split("/")[0]][2])
-
 def evaluate_games(policy, games: list[str], refs, n: int, seed: int, max_steps=None) -> dict:
     """Episode i (seeded seed + i) of every game at once, one batched policy call per step ->
     {game: dict(returns, lengths, normalized (R - random) / (expert - random))}."""
-    envs = [game_env(g) for g in games for _ in range(n)]
+    C = GAME_SPEC[games[0].split("/")[0]][2]  # frames zero-padded to the family's channels
+    envs = [common.make_env(g, channels=C) for g in games for _ in range(n)]
     obs = np.stack([e.reset(seed + i % n) for i, e in enumerate(envs)])
     policy.reset(len(envs))
     returns, lengths, live = np.zeros(len(envs)), np.zeros(len(envs), int), np.ones(len(envs), bool)
@@ -567,9 +566,6 @@ def check_args(args: Args) -> Args:
     if games:
         if len({g.split("/")[0] for g in args.env.split("+")}) > 1:
             raise ValueError(f"one action space: games of one family only, got {args.env!r}")
-        for g in args.env.split("+"):
-            if g.startswith("minatar/") and g[8:] not in MINATAR_GAMES:
-                raise ValueError(f"unknown MinAtar game {g!r}: use one of {MINATAR_GAMES}")
     else:
         common.env_id(args.env)
     args.dataset = args.dataset or ("dqn" if games else "medium")
@@ -621,6 +617,17 @@ def run_args(args: Args):
         return dataclasses.replace(args, **{k: tuned["args"][k] for k in arch}), tuned["model"]
     return args, None
 
+def init_distributed(device: torch.device):
+    """-> rank, world size, device. torchrun: the process group from its environment (NCCL on
+    CUDA, gloo on CPU), a GPU per local rank, a stuck collective raising after 1 h; plain python:
+    0, 1 and `device`, no process group."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(device := torch.device("cuda", int(os.environ["LOCAL_RANK"])))
+        dist.init_process_group(timeout=timedelta(hours=1))
+    return rank, world, device
+
 def make_policy(model, stats: dict, args: Args):
     if "games" in stats:
         return GamePolicy(model, args, stats)
@@ -638,11 +645,13 @@ def main(argv=None) -> dict:
         print(f"[dt] {args.checkpoint}: {report(out)}")
         return out
     args, weights = run_args(args)
-    common.set_seed(args.seed)
+    rank, world, device = init_distributed(device)
+    common.set_seed(args.seed + rank)  # dropout differs by rank; DDP copies rank 0's weights
     data = load_data(args, device)
     model = make_model(args, data.stats()).to(device)
     if weights is not None:
         model.load_state_dict(weights)
+    ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer, scheduler = make_optimizer(model, args)
     gen = torch.Generator(device=device).manual_seed(args.seed)  # the batch sampler's stream
     run = common.Run(args, "dt", extra=data.stats(), model=model, optimizer=optimizer,
@@ -651,25 +660,32 @@ def main(argv=None) -> dict:
           f"{device}")
     out = {}
     for step in run.loop(args.total_steps):
-        *inputs, mask = batch = data.sample(args.batch_size, args.context_len, gen)
+        *inputs, mask = batch = data.sample(args.batch_size, args.context_len, gen, rank, world)
+        n = mask.sum().float()  # real steps; torchrun: the whole batch's / world, so that the
+        if world > 1:           # mean of the ranks' gradients (DDP) is the whole batch's
+            dist.all_reduce(n := n / world)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-            outputs = model(*inputs)
-        losses = (game_loss(outputs, batch) if is_game(args.env)
-                  else loss_fn(outputs, inputs[1], mask))
+            outputs = ddp(*inputs)
+        losses = (game_loss(outputs, batch, n) if is_game(args.env)
+                  else loss_fn(outputs, inputs[1], mask, n))
         optimizer.zero_grad(set_to_none=True)
         losses["total_loss"].backward()
         nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)  # after backward, before step
         optimizer.step()
         scheduler.step()
         if run.every(LOG_EVERY):
-            run.log(**{f"losses/{k}": v for k, v in losses.items()},
+            logged = torch.stack([v.detach().float() for v in losses.values()])
+            if world > 1:  # the whole batch's losses: the mean over ranks
+                dist.all_reduce(logged := logged / world)
+            run.log(**{f"losses/{k}": v for k, v in zip(losses, logged)},
                     **{"charts/learning_rate": scheduler.get_last_lr()[0]})
-        if run.every(args.eval_every):
-            out = evaluate(make_policy(model, data.stats(), args), args)
+        if run.every(args.eval_every):  # rank 0 alone evaluates; the others wait at the next step
+            out = {} if rank else evaluate(make_policy(model, data.stats(), args), args)
             run.log(**out)
             run.save()
     out["run_dir"] = str(run.finish())
-    print(f"[dt] step {run.step}: {report(out)}")
+    rank or print(f"[dt] step {run.step}: {report(out)}")
+    world > 1 and dist.destroy_process_group()
     return out
 
 def load_policy(path, device="cpu"):

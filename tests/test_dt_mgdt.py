@@ -307,7 +307,7 @@ def test_action_space_union():
     """One action set per family, every game's actions index it, no per-game masking: each
     MinAtar game accepts all 6 actions; ALE with the full action space takes all 18."""
     import minatar
-    for g in dt.MINATAR_GAMES:
+    for g in make_datasets.MINATAR_CHANNELS:
         assert minatar.Environment(g).num_actions() == 6
     assert dt.MultiGameDT("minatar", tiny_args()).predict_action.out_features == 6
     env = make_datasets.GameEnv("atari/Pong")
