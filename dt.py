@@ -1,9 +1,9 @@
 """Decision Transformer (Chen et al. 2021, arXiv 2106.01345) and Multi-Game Decision Transformer
 (Lee et al. 2022, arXiv 2205.15241). DT: a causal GPT over (R_t, s_t, a_t) tokens trained offline
-on D4RL-style data (Sec. 3), rolled out return-conditioned (Algorithm 1) on Sec. 4.2's tasks, with
-the official gym code's defaults (kzl/decision-transformer). MGDT (--env minatar/<game>+..., or
-atari/<Game>): one model on several games' images, per step [patches of o_t, R_t, a_t, r_t] as
-discrete tokens (Sec. 3.1-3.2), expert action inference (Sec. 3.4), fine-tuning (Sec. 4.5).
+(Sec. 3), rolled out return-conditioned (Algorithm 1), with the official gym code's defaults
+(kzl/decision-transformer). MGDT (--env minatar/<game>+..., atari/<Game>): one model on several
+games, per step [patches of o_t, R_t, a_t, r_t] as discrete tokens (Sec. 3.1-3.2), expert action
+inference (Sec. 3.4), fine-tuning (Sec. 4.5). Data-parallel under torchrun (README).
 
 Named deviations (and why):
   * Right padding: a short window's pads follow its real steps, so causal attention needs no
@@ -14,8 +14,7 @@ Named deviations (and why):
   * MGDT conditions on R_t at every step (Sec. 3; the released model masks all but the first).
   * MinAtar: 5x5 patches (2x2 grid), channels zero-padded to seaquest's 10 (one patch embedding
     for all games), values 0/1 taken as they are (Atari frames / 255 as the official code).
-  * --expert-kappa 0 draws R_t once from P(R_t) (plain sampling); kappa > 0 is the official
-    best-of-128 draws at temperature 0.75 of the kappa-tilted distribution.
+  * --expert-kappa 0: one draw from P(R_t) (kappa > 0: the official best of 128 at T = 0.75).
 
     python dt.py --env hopper                    # DT paper config: 100k updates on hopper/medium
     python dt.py --env minatar/asterix+minatar/breakout+minatar/freeway+minatar/seaquest
@@ -43,8 +42,7 @@ TARGET_RETURNS = {"hopper": (3600.0, 1800.0), "halfcheetah": (12000.0, 6000.0),
                   "walker2d": (5000.0, 2500.0)}
 REWARD_SCALE = 1000.0  # returns-to-go and rewards are divided by this, in training and rollouts
 MAX_EP_LEN = 1000      # timestep-embedding size; later steps use the last row (official cutoff)
-WEIGHT_DECAY = 1e-4
-GRAD_CLIP = 0.25
+WEIGHT_DECAY, GRAD_CLIP = 1e-4, 0.25
 LOG_EVERY = 100        # updates between loss logs
 # MGDT (Sec. 3.2 and the official colab): return classes, reward classes (0 none, 1 positive,
 # 2 episode end (never produced), 3 negative), expert-inference and action sampling constants.
@@ -69,8 +67,7 @@ class Args:
     tensorboard: bool = False
     """log to TensorBoard (needs tensorboard)"""
     env: str = "hopper"
-    """hopper, halfcheetah, walker2d (Gymnasium v5), a Gymnasium id, or games for MGDT:
-    minatar/<game> or atari/<Game>, several of one family joined by + (one model for all)"""
+    """hopper, halfcheetah, walker2d, a Gymnasium id; MGDT: minatar/<game>, atari/<Game>, a+b"""
     dataset: Optional[str] = None
     """random, medium (default), medium-replay, expert, medium-expert, a Minari id; games: dqn"""
     dataset_path: Optional[str] = None
@@ -78,8 +75,7 @@ class Args:
     total_steps: int = 100_000
     """gradient updates (official: 10 iterations x 10k steps)"""
     batch_size: int = 64
-    """windows per update (games: each window's game drawn uniformly); torchrun: per process,
-    the batch is this x processes"""
+    """windows per update (games: uniform over games); torchrun: per process (x processes in all)"""
     lr: float = 1e-4
     """AdamW learning rate (weight decay 1e-4)"""
     eval_every: int = 10_000
@@ -119,7 +115,6 @@ class Args:
 # ---- data (DT Sec. 3 "Training"; official experiment.py get_batch)
 class Episodes:
     """Episode bookkeeping of a flat dataset on the device, and its window sampler."""
-
     def __init__(self, lengths, device, probs=None):
         """probs: of each episode (default: in proportion to its length, DT)."""
         self.lengths = torch.as_tensor(lengths, device=device)                     # (episodes,)
@@ -148,7 +143,6 @@ class Episodes:
 class TrajectoryData(Episodes):
     """Every episode flattened on the device. States z-scored with the dataset's mean and std
     (+1e-6), returns-to-go (gamma 1) divided by REWARD_SCALE, timesteps cut at MAX_EP_LEN - 1."""
-
     def __init__(self, data: dict, args: Args, device):
         episodes = common.split_episodes(data)
         obs = data["observations"]
@@ -158,21 +152,18 @@ class TrajectoryData(Episodes):
         super().__init__(lengths, device)
         rtg = np.concatenate([common.returns_to_go(ep["rewards"]) for ep in episodes])
         steps = np.concatenate([np.arange(n) for n in lengths]).clip(max=MAX_EP_LEN - 1)
-
         def t(x, dtype=torch.float32):
             return torch.as_tensor(x, dtype=dtype, device=device)
         obs = np.concatenate([ep["observations"] for ep in episodes])
         self.states = t((obs - self.state_mean.numpy()) / self.state_std.numpy())    # (N, obs_dim)
         self.actions = t(np.concatenate([ep["actions"] for ep in episodes]))        # (N, act_dim)
         self.rtg, self.timesteps = t(rtg / REWARD_SCALE), t(steps, torch.long)      # (N,), (N,)
-        self.obs_dim, self.act_dim = self.states.shape[1], self.actions.shape[1]
         self.fields = (self.states, self.actions, self.rtg, self.timesteps)  # sample() order
 
     def stats(self) -> dict:
         """What a policy needs besides the weights (saved in the checkpoint, no numpy)."""
-        return dict(state_mean=self.state_mean, state_std=self.state_std, obs_dim=self.obs_dim,
-                    act_dim=self.act_dim)
-
+        return dict(state_mean=self.state_mean, state_std=self.state_std,
+                    obs_dim=self.states.shape[1], act_dim=self.actions.shape[1])
 
 def encode_return(R: torch.Tensor) -> torch.Tensor:
     """MGDT Sec. 3.2 / official encode_return: clip(int(R), -20, 100) + 20 (int() truncates)."""
@@ -187,7 +178,6 @@ class GameData(Episodes):
     the family's), return-to-go classes (gamma 1, raw rewards), actions (indices in the family's
     one action set), reward classes. A window's game is drawn uniformly (the paper's DQN-Replay
     games hold equal data: uniform = proportional there), its episode in proportion to length."""
-
     def __init__(self, datasets: dict, args: Args, device):
         self.games, self.family = list(datasets), next(iter(datasets)).split("/")[0]
         H, W, C = GAME_SPEC[self.family][:3]
@@ -211,7 +201,6 @@ class GameData(Episodes):
             self.refs.append([float(data["ref_random"]), float(data["ref_expert"])])
             self.best.append(max(float(ep["rewards"].sum()) for ep in eps))
         super().__init__(np.array([len(ep["rewards"]) for ep in episodes]), device, probs)
-
         def cat(key):
             return torch.as_tensor(np.concatenate([ep[key] for ep in episodes]), device=device)
         rtg = np.concatenate([common.returns_to_go(ep["rewards"]) for ep in episodes])
@@ -227,7 +216,6 @@ class GameData(Episodes):
 class Block(nn.Module):
     """Pre-LayerNorm GPT-2 block: self-attention (causal, or `mask`) + MLP (4d; ReLU as the
     official DT config, MGDT: GELU)."""
-
     def __init__(self, d: int, n_head: int, dropout: float, act=nn.ReLU):
         super().__init__()
         self.n_head, self.dropout = n_head, dropout
@@ -310,7 +298,6 @@ class MultiGameDT(nn.Module):
     by a strided conv (non-overlapping) + a learned per-patch position encoding, every token + a
     learned position embedding over the window; heads (the next token): R_t at o_t's last
     patch, a_t at R_t, r_t at a_t. PyTorch's default init, N(0, 0.02) position encodings."""
-
     def __init__(self, family: str, args: Args):
         super().__init__()
         H, W, C, p, n_actions, self.scale, _ = GAME_SPEC[family]
@@ -318,9 +305,8 @@ class MultiGameDT(nn.Module):
         self.patch = nn.Conv2d(C, d, p, stride=p)
         self.patch_pos = nn.Parameter(0.02 * torch.randn(self.P, d))
         self.pos = nn.Parameter(0.02 * torch.randn(args.context_len * (self.P + 3), d))
-        self.embed_return = nn.Embedding(N_RETURNS, d)
-        self.embed_action = nn.Embedding(n_actions, d)
-        self.embed_reward = nn.Embedding(N_REWARDS, d)
+        self.embed_return, self.embed_action, self.embed_reward = (
+            nn.Embedding(n, d) for n in (N_RETURNS, n_actions, N_REWARDS))
         self.blocks = nn.ModuleList(Block(d, args.n_head, args.dropout, lambda: nn.GELU("tanh"))
                                     for _ in range(args.n_layer))
         self.ln_f = nn.LayerNorm(d)
@@ -329,8 +315,7 @@ class MultiGameDT(nn.Module):
         self.register_buffer("mask", game_mask(args.context_len, self.P), persistent=False)
 
     def tokens(self, obs, returns, actions, rewards):
-        """obs (B, K, H, W, C) uint8, returns / actions / rewards (B, K) classes
-        -> (B, K (P + 3), d)."""
+        """obs (B, K, H, W, C) uint8; returns, actions, rewards (B, K) -> (B, K (P + 3), d)"""
         B, K = actions.shape
         x = obs.flatten(0, 1).permute(0, 3, 1, 2).float() / self.scale          # (BK, C, H, W)
         patches = self.patch(x).flatten(2).transpose(1, 2) + self.patch_pos     # (BK, P, d)
@@ -358,9 +343,8 @@ def loss_fn(pred, actions, mask, n=None) -> dict:
     return dict(action_loss=action_loss, total_loss=action_loss)
 
 def game_loss(logits, batch, n=None) -> dict:
-    """Official sequence_loss: the mean of the R_t, a_t and r_t cross-entropies, here over the
-    real steps (summed / n, default their number); the patch tokens get no loss (nothing
-    predicts o_t)."""
+    """Official sequence_loss: the mean of the R_t, a_t and r_t cross-entropies over the real
+    steps (summed / n, default their number); patch tokens get no loss (nothing predicts o_t)."""
     *_, returns, actions, rewards, mask = batch
     m = mask.float()
     out = {f"{name}_loss": (F.cross_entropy(z.float().transpose(1, 2), y, reduction="none")
@@ -373,8 +357,8 @@ def game_loss(logits, batch, n=None) -> dict:
 def make_optimizer(model, args: Args):
     """AdamW on every parameter; lr * min((step + 1) / warmup, 1): linear warmup, then constant."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=WEIGHT_DECAY)
-    warmup = max(args.warmup_steps, 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min((s + 1) / warmup, 1.0))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / max(args.warmup_steps, 1), 1.0))
     return optimizer, scheduler
 
 # ---- policy (DT Algorithm 1; MGDT Sec. 3.4), batched over episodes (and games)
@@ -382,7 +366,6 @@ class DTPolicy:
     """N episodes at once, their last K steps in preallocated (N, K, ...) device buffers: step t
     writes at min(t, K - 1), and a full window shifts left (right padding, as in training).
     Episodes that observe() reports done get no more forward passes (their actions are 0)."""
-
     def __init__(self, model: DecisionTransformer, args: Args, state_mean, state_std,
                  target: Optional[float] = None):
         self.model, self.args, self.target = model, args, target
@@ -450,7 +433,6 @@ class GamePolicy:
     """MGDT in N episodes at once: per step R_t from the return head (expert inference, kappa)
     or a fixed target minus the rewards so far (return-conditioned DT, `targets` (N,)), then a_t
     from the action head; windows as DTPolicy's; finished episodes get no forward pass."""
-
     def __init__(self, model: MultiGameDT, args: Args, stats: dict):
         self.model, self.args, self.stats = model, args, stats
         self.device = next(model.parameters()).device
@@ -529,9 +511,7 @@ def evaluate(policy, args: Args) -> dict:
     """DT: each target return on args.eval_episodes episodes at once; games: every game at once,
     expert inference or the --target-returns. -> each entry's mean return and normalized score,
     and the headline (DT: the first target's; games: the mean over games)."""
-    model, games, res = policy.model, isinstance(policy, GamePolicy), {}
-    was_training = model.training
-    model.eval()
+    games, res = isinstance(policy, GamePolicy), {}
     if games:
         s, n = policy.stats, args.eval_episodes
         policy.kappa = args.expert_kappa
@@ -545,7 +525,6 @@ def evaluate(policy, args: Args) -> dict:
             res[f"target{target:g}"] = common.evaluate(
                 policy, args.env, args.eval_episodes, seed=args.seed + 10_000,
                 max_steps=args.eval_max_steps, dataset=args.dataset)
-    model.train(was_training)
     out = {f"eval/{name}/{key}": float(r[field].mean()) for name, r in res.items()
            for key, field in (("return_mean", "returns"), ("normalized_score", "normalized"))}
     for key in ("return_mean", "normalized_score"):
@@ -562,12 +541,10 @@ def is_game(env: str) -> bool:
 
 def check_args(args: Args) -> Args:
     """Clear errors for settings that cannot run; DT / MGDT defaults for dataset and K."""
-    games = is_game(args.env)
-    if games:
-        if len({g.split("/")[0] for g in args.env.split("+")}) > 1:
-            raise ValueError(f"one action space: games of one family only, got {args.env!r}")
-    else:
-        common.env_id(args.env)
+    if not (games := is_game(args.env)):
+        common.env_id(args.env)  # an unknown env: a named error
+    if games and len({g.split("/")[0] for g in args.env.split("+")}) > 1:
+        raise ValueError(f"one action space: games of one family only, got {args.env!r}")
     args.dataset = args.dataset or ("dqn" if games else "medium")
     args.context_len = args.context_len or (4 if games else 20)
     if not (args.target_returns or games or args.env in TARGET_RETURNS
@@ -680,7 +657,8 @@ def main(argv=None) -> dict:
             run.log(**{f"losses/{k}": v for k, v in zip(losses, logged)},
                     **{"charts/learning_rate": scheduler.get_last_lr()[0]})
         if run.every(args.eval_every):  # rank 0 alone evaluates; the others wait at the next step
-            out = {} if rank else evaluate(make_policy(model, data.stats(), args), args)
+            out = {} if rank else evaluate(make_policy(model.eval(), data.stats(), args), args)
+            model.train()
             run.log(**out)
             run.save()
     out["run_dir"] = str(run.finish())
