@@ -93,8 +93,7 @@ def load_dataset(env: str, dataset: str = "medium", *, path=None, size=None, see
     env.startswith(("minatar/", "atari/")) or env_id(env)  # games: make_datasets.py checks them
     cached = dataset_path(env, dataset, size, seed, budget)
     if path is None and cached.exists():  # written by make_datasets.py, validated then
-        with np.load(cached) as f:
-            raw = {k: f[k] for k in f.files}
+        raw = dict(np.load(cached))  # every array read; the file closes with the NpzFile
     else:
         try:
             import make_datasets
@@ -106,15 +105,16 @@ def load_dataset(env: str, dataset: str = "medium", *, path=None, size=None, see
     return out
 
 def evaluate(policy, env: str, n_episodes=10, seed=0, max_steps=None, progress=True, dataset=None):
-    """Episode i (seeded seed + i) of n at once: policy(obs (n, obs_dim)) -> actions (n, act_dim),
-    hooks policy.reset(n), policy.observe(rewards, dones); a finished episode's actions ignored."""
-    envs = gym.vector.SyncVectorEnv([lambda: make_env(env)] * n_episodes,
+    """Episode i (seeded seed + i) of n at once, for each env of env ("a+b": games): policy(obs
+    (N, ...)) -> actions, hooks policy.reset(N), policy.observe(rewards, dones), N = n x envs."""
+    names = [e for e in env.split("+") for _ in range(n_episodes)]
+    envs = gym.vector.SyncVectorEnv([lambda e=e: make_env(e) for e in names],
                                     autoreset_mode=gym.vector.AutoresetMode.NEXT_STEP)
-    obs, _ = envs.reset(seed=[seed + i for i in range(n_episodes)])
-    getattr(policy, "reset", lambda n: None)(n_episodes)
-    returns, lengths, active = np.zeros(n := n_episodes), np.zeros(n, int), np.ones(n, bool)
+    obs, _ = envs.reset(seed=[seed + i % n_episodes for i in range(len(names))])
+    getattr(policy, "reset", lambda n: None)(n := len(names))
+    returns, lengths, active = np.zeros(n), np.zeros(n, int), np.ones(n, bool)
     limit = max_steps or envs.envs[0].spec.max_episode_steps or 10**6
-    with tqdm(total=n_episodes * limit, desc="eval", unit="step", disable=not progress) as bar:
+    with tqdm(total=n * limit, desc="eval", unit="step", disable=not progress) as bar:
         for _ in range(limit):
             act = np.asarray(torch.as_tensor(policy(obs.astype(np.float32))).detach().cpu())
             obs, rew, term, trunc, _ = envs.step(act.reshape(envs.action_space.shape))

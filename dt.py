@@ -32,7 +32,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 import common
 
@@ -49,9 +48,8 @@ LOG_EVERY = 100        # updates between loss logs
 RETURN_MIN, RETURN_MAX = -20, 100
 N_RETURNS, N_REWARDS = RETURN_MAX - RETURN_MIN + 1, 4
 RETURN_SAMPLES, RETURN_TEMPERATURE, ACTION_TOP_PERCENTILE = 128, 0.75, 50
-MAX_EPISODE_STEPS = 2500  # MinAtar evaluation cap (the data contract, make_datasets.py)
 # family: frame H, W, channels, patch size, actions (one set for all games), pixel scale, step cap
-GAME_SPEC = {"minatar": (10, 10, 10, 5, 6, 1.0, MAX_EPISODE_STEPS),
+GAME_SPEC = {"minatar": (10, 10, 10, 5, 6, 1.0, 2500),  # MinAtar's cap: make_datasets.py's
              "atari": (84, 84, 1, 14, 18, 255.0, 27_000)}  # Atari: 108k frames / frame skip 4
 
 @dataclass
@@ -122,21 +120,17 @@ class Episodes:
         probs = lengths / lengths.sum() if probs is None else probs
         self.probs = torch.as_tensor(probs, dtype=torch.float32, device=device)
 
-    def windows(self, batch_size: int, K: int, gen: torch.Generator):
-        """K-step windows starting uniformly in [0, len) of length-weighted episodes -> rows
-        (B, K) (pads read row 0) and mask (B, K) of the real steps (right padding)."""
-        dev = self.lengths.device
-        ep = torch.multinomial(self.probs, batch_size, replacement=True, generator=gen)  # (B,)
-        length = self.lengths[ep]
-        start = (torch.rand(batch_size, device=dev, generator=gen) * length).long()  # [0, len)
-        offs = start[:, None] + torch.arange(K, device=dev)                            # (B, K)
-        mask = offs < length[:, None]                                                  # (B, K)
-        return torch.where(mask, self.starts[ep][:, None] + offs, 0), mask
-
     def sample(self, B: int, K: int, gen: torch.Generator, rank: int = 0, world: int = 1):
-        """-> each of `fields` at the windows' rows, (B, K, ...) with zero pads, and mask (B, K).
-        torchrun: every rank draws the B x world windows of one stream and keeps its B."""
-        idx, mask = (x[rank * B:(rank + 1) * B] for x in self.windows(B * world, K, gen))
+        """K-step windows starting uniformly in [0, len) of episodes drawn by `probs` -> each of
+        `fields` at the windows' rows (B, K, ...), zero after the episode's end (right padding),
+        and mask (B, K) of the real steps. torchrun: every rank draws the B x world windows of
+        one stream and keeps its B."""
+        dev, n, mine = self.lengths.device, B * world, slice(rank * B, (rank + 1) * B)
+        ep = torch.multinomial(self.probs, n, replacement=True, generator=gen)[mine]       # (B,)
+        start = (torch.rand(n, device=dev, generator=gen)[mine] * self.lengths[ep]).long()
+        offs = start[:, None] + torch.arange(K, device=dev)                                # (B, K)
+        mask = offs < self.lengths[ep][:, None]                                            # (B, K)
+        idx = torch.where(mask, self.starts[ep][:, None] + offs, 0)  # pads read row 0
         return (*(torch.where(mask.view(*mask.shape, *[1] * (x.ndim - 1)), x[idx], 0)
                   for x in self.fields), mask)
 
@@ -181,7 +175,7 @@ class GameData(Episodes):
     def __init__(self, datasets: dict, args: Args, device):
         self.games, self.family = list(datasets), next(iter(datasets)).split("/")[0]
         H, W, C = GAME_SPEC[self.family][:3]
-        episodes, probs, self.refs, self.best = [], [], [], []
+        episodes, probs, self.refs = [], [], []
         for game, data in datasets.items():
             obs = data["observations"]
             if obs.ndim != 4 or obs.shape[1:3] != (H, W) or obs.shape[3] > C:
@@ -199,7 +193,6 @@ class GameData(Episodes):
             episodes += eps
             probs += [len(ep["rewards"]) / n / len(datasets) for ep in eps]
             self.refs.append([float(data["ref_random"]), float(data["ref_expert"])])
-            self.best.append(max(float(ep["rewards"].sum()) for ep in eps))
         super().__init__(np.array([len(ep["rewards"]) for ep in episodes]), device, probs)
         def cat(key):
             return torch.as_tensor(np.concatenate([ep[key] for ep in episodes]), device=device)
@@ -210,7 +203,7 @@ class GameData(Episodes):
         self.fields = (self.obs, self.returns, self.actions, self.rewards)  # sample() order
 
     def stats(self) -> dict:
-        return dict(family=self.family, games=self.games, refs=self.refs, best=self.best)
+        return dict(family=self.family, games=self.games, refs=self.refs)
 
 # ---- model (DT Sec. 3 "Architecture": GPT-2 blocks of the official vendored trajectory_gpt2.py)
 class Block(nn.Module):
@@ -480,33 +473,6 @@ class GamePolicy:
         self.live &= ~np.asarray(dones, dtype=bool)
         self.t += 1
 
-def evaluate_games(policy, games: list[str], refs, n: int, seed: int, max_steps=None) -> dict:
-    """Episode i (seeded seed + i) of every game at once, one batched policy call per step ->
-    {game: dict(returns, lengths, normalized (R - random) / (expert - random))}."""
-    C = GAME_SPEC[games[0].split("/")[0]][2]  # frames zero-padded to the family's channels
-    envs = [common.make_env(g, channels=C) for g in games for _ in range(n)]
-    obs = np.stack([e.reset(seed + i % n) for i, e in enumerate(envs)])
-    policy.reset(len(envs))
-    returns, lengths, live = np.zeros(len(envs)), np.zeros(len(envs), int), np.ones(len(envs), bool)
-    limit = max_steps or GAME_SPEC[games[0].split("/")[0]][-1]
-    with tqdm(total=len(envs) * limit, desc="eval", unit="step") as bar:
-        for _ in range(limit):
-            act, rew, done = policy(obs), np.zeros(len(envs)), ~live
-            for j in np.flatnonzero(live):
-                obs[j], rew[j], done[j] = envs[j].step(act[j])
-            returns, lengths = returns + rew, lengths + live
-            policy.observe(rew, done)
-            bar.update(int(live.sum()))
-            live &= ~done
-            if not live.any():
-                break
-    out = {}
-    for k, (game, (lo, hi)) in enumerate(zip(games, refs)):
-        R = returns[k * n:(k + 1) * n]
-        out[game.split("/")[1]] = dict(returns=R, lengths=lengths[k * n:(k + 1) * n],
-                                       normalized=(R - lo) / (hi - lo))
-    return out
-
 def evaluate(policy, args: Args) -> dict:
     """DT: each target return on args.eval_episodes episodes at once; games: every game at once,
     expert inference or the --target-returns. -> each entry's mean return and normalized score,
@@ -517,8 +483,11 @@ def evaluate(policy, args: Args) -> dict:
         policy.kappa = args.expert_kappa
         targets = args.target_returns and np.broadcast_to(args.target_returns, len(s["games"]))
         policy.targets = None if targets is None else np.repeat(targets, n)
-        res = evaluate_games(policy, s["games"], s["refs"], n, args.seed + 10_000,
-                             args.eval_max_steps)
+        r = common.evaluate(policy, "+".join(s["games"]), n, args.seed + 10_000,
+                            args.eval_max_steps or GAME_SPEC[s["family"]][-1])  # game k: k n..
+        for k, (game, (lo, hi)) in enumerate(zip(s["games"], s["refs"])):
+            R = r["returns"][k * n:(k + 1) * n]
+            res[game.split("/")[1]] = dict(returns=R, normalized=(R - lo) / (hi - lo))
     else:
         for target in policy.args.target_returns or TARGET_RETURNS[args.env]:
             policy.target = target
@@ -576,9 +545,8 @@ def load_data(args: Args, device):
 
 def make_model(args: Args, stats: dict) -> nn.Module:
     """A fresh model for data.stats() (or a checkpoint, which holds them)."""
-    if "games" in stats:
-        return MultiGameDT(stats["family"], args)
-    return DecisionTransformer(stats["obs_dim"], stats["act_dim"], args)
+    return (MultiGameDT(stats["family"], args) if "games" in stats
+            else DecisionTransformer(stats["obs_dim"], stats["act_dim"], args))
 
 def run_args(args: Args):
     """-> the run's args and the weights it starts from. --resume: the checkpoint's settings but

@@ -32,6 +32,7 @@ import time
 import zipfile
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 import torch
 
@@ -530,24 +531,28 @@ ATARI_FRAME_SKIP = 4
 ATARI_NOOP_MAX = 30
 
 
-class GameEnv:
-    """The evaluation env of a game, one episode: reset(seed) -> frame (H, W, channels) uint8,
-    step(a) -> (frame, r, done); channels zero-padded to `channels` when given. MinAtar with the
-    data's settings (minatar_env, minatar_reset); Atari as the MGDT paper's / official evaluation:
+class GameEnv(gym.Env):
+    """The evaluation env of a game as a Gymnasium env: frames (H, W, channels) uint8, channels
+    zero-padded to `channels` (default: the family's, so that every game of it has one
+    observation space), one action set per family (Discrete 6 / 18). MinAtar with the data's
+    settings (minatar_env, minatar_reset); Atari as the MGDT paper's / official evaluation:
     84x84 grayscale (area resize), frame skip 4 with the max of the last two frames, 1-30 no-op
     starts, no sticky actions, all 18 actions."""
 
     def __init__(self, env: str, channels: int | None = None):
         self.family, game = env.split("/", 1)
-        self.channels = channels
-        if self.family == "minatar":
+        minatar = self.family == "minatar"
+        self.channels = channels or (max(MINATAR_CHANNELS.values()) if minatar else 1)
+        self.observation_space = gym.spaces.Box(0, 255, (*((10, 10) if minatar else ATARI_FRAME),
+                                                         self.channels), np.uint8)
+        self.action_space = gym.spaces.Discrete(MINATAR_ACTIONS if minatar else 18)
+        if minatar:
             self.env = minatar_env(game)
             return
         try:
             import ale_py
         except ImportError as e:
             raise ImportError("Atari games need ale-py: pip install ale-py") from e
-        import gymnasium as gym
         gym.register_envs(ale_py)
         self.env = gym.make(f"ALE/{game}-v5", frameskip=1, repeat_action_probability=0.0,
                             full_action_space=True, obs_type="grayscale")
@@ -557,28 +562,31 @@ class GameEnv:
             x = torch.nn.functional.interpolate(torch.as_tensor(x, dtype=torch.float32)[None, None],
                                                 ATARI_FRAME, mode="area")[0, 0].round().numpy()
         x = np.asarray(x, dtype=np.uint8).reshape(*x.shape[:2], -1)
-        pad = (self.channels or x.shape[-1]) - x.shape[-1]
-        return np.pad(x, ((0, 0), (0, 0), (0, pad)))
+        return np.pad(x, ((0, 0), (0, 0), (0, self.channels - x.shape[-1])))
 
-    def reset(self, seed: int) -> np.ndarray:
+    def reset(self, seed: int | None = None, options=None):
+        """-> (frame, {}); seed None (an autoreset): one drawn from the env's own stream."""
+        super().reset(seed=seed)
+        seed = int(self.np_random.integers(2**31)) if seed is None else seed
         if self.family == "minatar":
-            return self.frame(minatar_reset(self.env, seed))
+            return self.frame(minatar_reset(self.env, seed)), {}
         x, _ = self.env.reset(seed=seed)
         for _ in range(np.random.default_rng(seed).integers(1, ATARI_NOOP_MAX + 1)):  # no-ops
             x, *_ = self.env.step(0)
-        return self.frame(x)
+        return self.frame(x), {}
 
     def step(self, a: int):
+        """-> (frame, reward, terminated, truncated False, {}) (the episode cap is the caller's)."""
         if self.family == "minatar":
             r, done = self.env.act(int(a))
-            return self.frame(self.env.state()), float(r), bool(done)
+            return self.frame(self.env.state()), float(r), bool(done), False, {}
         frames, total, done = [], 0.0, False
         for _ in range(ATARI_FRAME_SKIP):
             x, r, term, trunc, _ = self.env.step(int(a))
             frames, total, done = frames[-1:] + [x], total + float(r), term or trunc
             if done:
                 break
-        return self.frame(np.maximum(frames[0], frames[-1])), total, done
+        return self.frame(np.maximum(frames[0], frames[-1])), total, done, False, {}
 
 
 def epsilon_at(t: int) -> float:

@@ -92,7 +92,7 @@ def test_constants_paper_and_official():
     assert (dt.RETURN_SAMPLES, dt.RETURN_TEMPERATURE, dt.ACTION_TOP_PERCENTILE) == (128, 0.75, 50)
     assert dt.GAME_SPEC["atari"][:6] == (84, 84, 1, 14, 18, 255.0)
     assert dt.GAME_SPEC["minatar"][:6] == (10, 10, 10, 5, 6, 1.0)
-    assert dt.MAX_EPISODE_STEPS == 2500 and dt.GAME_SPEC["minatar"][6] == 2500
+    assert dt.GAME_SPEC["minatar"][6] == 2500
     a = tiny_args(env="atari/Pong")
     assert a.context_len == 4 and a.dataset == "dqn" and dt.Args().expert_kappa == 10
     atari = dt.MultiGameDT("atari", a)
@@ -110,7 +110,7 @@ def test_return_and_reward_classes_at_the_edges():
 
 def test_dataset_tokens_hand_numbers():
     """Return-to-go with gamma 1 of raw rewards per episode, as classes; reward classes; actions
-    as stored; channels zero-padded to 10; the references and best return per game."""
+    as stored; channels zero-padded to 10; the references per game."""
     d = minatar_data("minatar/breakout", rows=6)
     d["rewards"] = np.array([1, 0, 2, -1, 0, 1], "f4")
     d["terminals"] = np.array([0, 0, 1, 0, 0, 0], bool)
@@ -123,7 +123,7 @@ def test_dataset_tokens_hand_numbers():
     assert torch.equal(data.obs[..., :4], torch.as_tensor(d["observations"]))
     assert data.obs[..., 4:].sum() == 0
     assert data.stats() == dict(family="minatar", games=["minatar/breakout"],
-                                refs=[[0.25, 4.25]], best=[3.0])
+                                refs=[[0.25, 4.25]])
 
 
 def test_games_mixed_uniformly_episodes_by_length():
@@ -314,14 +314,17 @@ def test_action_space_union():
     assert env.env.action_space.n == 18
 
 
-class Scripted:
-    """A policy with the GamePolicy interface: action (t + row) % 6, and a record of calls."""
+class Scripted(dt.GamePolicy):
+    """The GamePolicy interface without a model: action (t + row) % 6, a record of calls."""
+
+    def __init__(self, stats):
+        self.stats = stats
 
     def reset(self, n):
         self.t, self.n, self.dones = 0, n, []
 
-    def __call__(self, obs):
-        assert obs.shape == (self.n, 10, 10, 10) and obs.dtype == np.uint8
+    def __call__(self, obs):  # frames of the family's 10 channels (the vector env's float32)
+        assert obs.shape == (self.n, 10, 10, 10) and np.array_equal(obs, obs.astype(np.uint8))
         return (self.t + np.arange(self.n)) % 6
 
     def observe(self, rewards, dones):
@@ -331,16 +334,20 @@ class Scripted:
 
 def test_game_eval_loop_real_minatar_steps():
     """Two games x 2 episodes in one loop == each episode played alone in minatar (seed + i,
-    sticky actions 0.1, difficulty ramping), with the cap; normalized (R - random) / (exp - rnd)."""
+    sticky actions 0.1, difficulty ramping), with the cap; dt.evaluate's per-game means and
+    normalized (R - random) / (expert - random)."""
     import minatar
     games, refs = ["minatar/breakout", "minatar/space_invaders"], [[0.0, 2.0], [1.0, 5.0]]
-    pol = Scripted()
-    out = dt.evaluate_games(pol, games, refs, 2, seed=7, max_steps=120)
+    pol = Scripted(dict(family="minatar", games=games, refs=refs))
+    args = tiny_args(env="+".join(games), eval_episodes=2, eval_max_steps=120, seed=7)
+    out = dt.evaluate(pol, args)
+    assert len(pol.dones) <= 120
+    res = common.evaluate(pol, "+".join(games), 2, seed=7 + 10_000, max_steps=120)
     for k, g in enumerate(games):
         for i in range(2):
             env = minatar.Environment(g.split("/")[1], sticky_action_prob=0.1,
                                       difficulty_ramping=True)
-            env.seed(7 + i)
+            env.seed(7 + 10_000 + i)
             env.reset()
             ret, n = 0.0, 0
             for t in range(120):
@@ -348,11 +355,12 @@ def test_game_eval_loop_real_minatar_steps():
                 ret, n = ret + r, n + 1
                 if done:
                     break
-            res = out[g.split("/")[1]]
-            assert (res["returns"][i], res["lengths"][i]) == (ret, n), (g, i)
+            assert (res["returns"][2 * k + i], res["lengths"][2 * k + i]) == (ret, n), (g, i)
+        R = res["returns"][2 * k:2 * k + 2]
+        name = g.split("/")[1]
         lo, hi = refs[k]
-        np.testing.assert_allclose(res["normalized"], (res["returns"] - lo) / (hi - lo))
-    assert len(pol.dones) <= 120
+        assert out[f"eval/{name}/return_mean"] == pytest.approx(R.mean())
+        assert out[f"eval/{name}/normalized_score"] == pytest.approx(((R - lo) / (hi - lo)).mean())
 
 
 def test_atari_env_preprocessing():
@@ -361,10 +369,10 @@ def test_atari_env_preprocessing():
     import ale_py
     import gymnasium as gym
     env = make_datasets.GameEnv("atari/Breakout")
-    frames = [env.reset(3)]
+    frames = [env.reset(seed=3)[0]]
     rewards = []
     for a in (1, 3, 4, 0):
-        f, r, done = env.step(a)
+        f, r, done, truncated, _ = env.step(a)
         frames.append(f)
         rewards.append(r)
     assert all(f.shape == (84, 84, 1) and f.dtype == np.uint8 for f in frames)
@@ -383,7 +391,7 @@ def test_atari_env_preprocessing():
         xs = [raw.step(a)[0] for _ in range(4)]
         np.testing.assert_array_equal(f[..., 0], resize(np.maximum(xs[-2], xs[-1])))
     again = make_datasets.GameEnv("atari/Breakout")
-    np.testing.assert_array_equal(again.reset(3), frames[0])
+    np.testing.assert_array_equal(again.reset(seed=3)[0], frames[0])
 
 
 def test_policy_windows_and_targets():
@@ -392,7 +400,7 @@ def test_policy_windows_and_targets():
     model's action logits on that window; finished episodes are not forwarded."""
     args = tiny_args(context_len=3)
     model = noisy_model(args)
-    stats = dict(family="minatar", games=["minatar/breakout"], refs=[[0, 1]], best=[1.0])
+    stats = dict(family="minatar", games=["minatar/breakout"], refs=[[0, 1]])
     pol = dt.GamePolicy(model, args, stats)
     pol.targets = np.array([30.0, 5.0])
     pol.reset(2)
