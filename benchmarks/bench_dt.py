@@ -28,7 +28,7 @@ def make_update(data: dt.TrajectoryData, args: dt.Args, device, compiled: bool =
     """-> update(): one iteration of dt.main's loop (sample, forward, masked loss, backward,
     clip, AdamW, warmup), on a fresh model seeded 0."""
     torch.manual_seed(0)
-    model = dt.DecisionTransformer(data.obs_dim, data.act_dim, args).to(device).train()
+    model = dt.make_model(args, data.stats()).to(device).train()
     optimizer, scheduler = dt.make_optimizer(model, args)
     fwd = torch.compile(model) if compiled else model
     gen = torch.Generator(device=device).manual_seed(0)
