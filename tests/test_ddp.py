@@ -2,35 +2,19 @@
 whose checkpoint loads in one process; one update on 2 ranks of batch B equals one single-process
 update of batch 2B (the ranks' rows are disjoint and the masked loss is normalised over both);
 ranks draw different rows of one stream."""
-import os
-import subprocess
-import sys
-from pathlib import Path
+from functools import partial
 
+import launch_ddp
 import numpy as np
 import torch
 
 import common
 import gato_tokens as g
 
-ROOT = Path(__file__).resolve().parents[1]
+launch = partial(launch_ddp.launch, "gato_tokens.py")  # (args, cwd, nproc) -> the run folder
 TINY = ["--env", "hopper", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--seq-len", "300",
         "--vocab", "action", "--eval-episodes", "1", "--eval-max-steps", "3", "--warmup-steps", "1",
         "--lr", "1e-3", "--no-cuda", "--dropout", "0.0", "--filter-frac", "0.0"]
-
-
-def launch(args, cwd, nproc):
-    """gato_tokens.py under torchrun (nproc > 0) or plain python; -> the run folder."""
-    cmd = [sys.executable, str(ROOT / "gato_tokens.py")]
-    if nproc:
-        cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    out = subprocess.run(cmd + args, cwd=cwd, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    runs = list((Path(cwd) / "runs").iterdir())
-    assert len(runs) == 1, runs                          # rank 0 alone made a folder
-    return runs[0]
 
 
 def test_two_ranks_one_update_equals_one_process_on_both_batches(tiny_dataset, tmp_path):

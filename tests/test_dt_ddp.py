@@ -2,11 +2,9 @@
 run folder whose checkpoint loads in one process and resumes under torchrun; one update on 2 ranks
 of batch B equals one single-process update of batch 2B (disjoint windows of one stream, the
 masked losses normalised over both ranks' real steps); ranks draw different windows."""
-import os
-import subprocess
-import sys
-from pathlib import Path
+from functools import partial
 
+import launch_ddp
 import numpy as np
 import torch
 from test_dt_mgdt import minatar_data
@@ -14,24 +12,10 @@ from test_dt_mgdt import minatar_data
 import common
 import dt
 
-ROOT = Path(__file__).resolve().parents[1]
+launch = partial(launch_ddp.launch, "dt.py")  # (args, cwd, nproc) -> the run folder
 TINY = ["--embed-dim", "32", "--n-layer", "1", "--n-head", "2", "--dropout", "0.0", "--no-cuda",
         "--eval-episodes", "1", "--eval-max-steps", "3", "--warmup-steps", "1", "--lr", "1e-3",
         "--total-steps", "1", "--eval-every", "1"]
-
-
-def launch(args, cwd, nproc):
-    """dt.py under torchrun (nproc > 0) or plain python -> the run folder."""
-    cmd = [sys.executable, str(ROOT / "dt.py")]
-    if nproc:
-        cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    out = subprocess.run(cmd + args, cwd=cwd, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    runs = list((Path(cwd) / "runs").iterdir())
-    assert len(runs) == 1, runs                          # rank 0 alone made a folder
-    return runs[0]
 
 
 def same_update(args, tmp_path):
