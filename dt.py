@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
 
@@ -37,8 +36,7 @@ import common
 
 # Official gym code (experiment.py): targets per env (the first is the headline), `scale`,
 # max_ep_len; AdamW weight decay; seq_trainer.py: the gradient-norm clip.
-TARGET_RETURNS = {"hopper": (3600.0, 1800.0), "halfcheetah": (12000.0, 6000.0),
-                  "walker2d": (5000.0, 2500.0)}
+TARGET_RETURNS = {"hopper": (3600, 1800), "halfcheetah": (12000, 6000), "walker2d": (5000, 2500)}
 REWARD_SCALE = 1000.0  # returns-to-go and rewards are divided by this, in training and rollouts
 MAX_EP_LEN = 1000      # timestep-embedding size; later steps use the last row (official cutoff)
 WEIGHT_DECAY, GRAD_CLIP = 1e-4, 0.25
@@ -51,8 +49,9 @@ RETURN_SAMPLES, RETURN_TEMPERATURE, ACTION_TOP_PERCENTILE = 128, 0.75, 50
 # family: frame H, W, channels, patch size, actions (one set for all games), pixel scale, step cap
 GAME_SPEC = {"minatar": (10, 10, 10, 5, 6, 1.0, 2500),  # MinAtar's cap: make_datasets.py's
              "atari": (84, 84, 1, 14, 18, 255.0, 27_000)}  # Atari: 108k frames / frame skip 4
+GAMES = tuple(f"{family}/" for family in GAME_SPEC)  # --env prefixes of MGDT's games
 
-@dataclass
+@dataclasses.dataclass
 class Args:
     exp_name: str = "dt"
     """name of the experiment (part of the run folder name)"""
@@ -114,17 +113,15 @@ class Args:
 class Episodes:
     """Episode bookkeeping of a flat dataset on the device, and its window sampler."""
     def __init__(self, lengths, device, probs=None):
-        """probs: of each episode (default: in proportion to its length, DT)."""
         self.lengths = torch.as_tensor(lengths, device=device)                     # (episodes,)
         self.starts = torch.as_tensor(np.concatenate([[0], np.cumsum(lengths)[:-1]]), device=device)
-        probs = lengths / lengths.sum() if probs is None else probs
+        probs = lengths / lengths.sum() if probs is None else probs  # default (DT): by length
         self.probs = torch.as_tensor(probs, dtype=torch.float32, device=device)
 
     def sample(self, B: int, K: int, gen: torch.Generator, rank: int = 0, world: int = 1):
-        """K-step windows starting uniformly in [0, len) of episodes drawn by `probs` -> each of
-        `fields` at the windows' rows (B, K, ...), zero after the episode's end (right padding),
-        and mask (B, K) of the real steps. torchrun: every rank draws the B x world windows of
-        one stream and keeps its B."""
+        """K-step windows from a uniform start in [0, len) of episodes drawn by `probs` -> `fields`
+        at their rows (B, K, ...), zero past the episode's end (right padding), and the real steps'
+        mask (B, K). torchrun: each rank draws one stream's B x world windows, keeps its B."""
         dev, n, mine = self.lengths.device, B * world, slice(rank * B, (rank + 1) * B)
         ep = torch.multinomial(self.probs, n, replacement=True, generator=gen)[mine]       # (B,)
         start = (torch.rand(n, device=dev, generator=gen)[mine] * self.lengths[ep]).long()
@@ -135,8 +132,7 @@ class Episodes:
                   for x in self.fields), mask)
 
 class TrajectoryData(Episodes):
-    """Every episode flattened on the device. States z-scored with the dataset's mean and std
-    (+1e-6), returns-to-go (gamma 1) divided by REWARD_SCALE, timesteps cut at MAX_EP_LEN - 1."""
+    """All episodes flat on the device: z-scored states, returns-to-go (gamma 1) / REWARD_SCALE."""
     def __init__(self, data: dict, args: Args, device):
         episodes = common.split_episodes(data)
         obs = data["observations"]
@@ -148,9 +144,8 @@ class TrajectoryData(Episodes):
         steps = np.concatenate([np.arange(n) for n in lengths]).clip(max=MAX_EP_LEN - 1)
         def t(x, dtype=torch.float32):
             return torch.as_tensor(x, dtype=dtype, device=device)
-        obs = np.concatenate([ep["observations"] for ep in episodes])
         self.states = t((obs - self.state_mean.numpy()) / self.state_std.numpy())    # (N, obs_dim)
-        self.actions = t(np.concatenate([ep["actions"] for ep in episodes]))        # (N, act_dim)
+        self.actions = t(data["actions"])                                           # (N, act_dim)
         self.rtg, self.timesteps = t(rtg / REWARD_SCALE), t(steps, torch.long)      # (N,), (N,)
         self.fields = (self.states, self.actions, self.rtg, self.timesteps)  # sample() order
 
@@ -207,30 +202,26 @@ class GameData(Episodes):
 
 # ---- model (DT Sec. 3 "Architecture": GPT-2 blocks of the official vendored trajectory_gpt2.py)
 class Block(nn.Module):
-    """Pre-LayerNorm GPT-2 block: self-attention (causal, or `mask`) + MLP (4d; ReLU as the
-    official DT config, MGDT: GELU)."""
-    def __init__(self, d: int, n_head: int, dropout: float, act=nn.ReLU):
+    """Pre-LN GPT-2 block: causal (or `mask`) attention + 4d MLP (ReLU: official DT, MGDT: GELU)."""
+    def __init__(self, args: Args, act: Optional[nn.Module] = None):
         super().__init__()
-        self.n_head, self.dropout = n_head, dropout
+        d, self.n_head, self.dropout = args.embed_dim, args.n_head, args.dropout
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), act(), nn.Linear(4 * d, d),
-                                 nn.Dropout(dropout))
-        self.resid_drop = nn.Dropout(dropout)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), act or nn.ReLU(), nn.Linear(4 * d, d))
+        self.resid_drop = nn.Dropout(args.dropout)  # after attention and after the MLP
 
     def forward(self, x, last_only: bool = False, mask=None):
-        """x (B, T, d) -> (B, T, d); last_only (predict_last): the final query alone, (B, 1, d);
-        mask (T, T) bool, True = may attend."""
+        """x (B, T, d) -> (B, T, d), or (B, 1, d) if last_only; mask (T, T): True = may attend."""
         B, T, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
         if last_only:  # the last token attends to every key: no mask needed
             q, x = q[:, -1:], x[:, -1:]
         q, k, v = (z.view(B, z.shape[1], self.n_head, -1).transpose(1, 2) for z in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           is_causal=mask is None and not last_only,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        p, causal = self.dropout if self.training else 0.0, mask is None and not last_only
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
         x = x + self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, q.shape[2], d)))
-        return x + self.mlp(self.ln2(x))
+        return x + self.resid_drop(self.mlp(self.ln2(x)))
 
 class DecisionTransformer(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, args: Args):
@@ -240,8 +231,7 @@ class DecisionTransformer(nn.Module):
         self.embed_state, self.embed_action = nn.Linear(obs_dim, d), nn.Linear(act_dim, d)
         self.embed_return = nn.Linear(1, d)
         self.embed_ln, self.drop = nn.LayerNorm(d), nn.Dropout(args.dropout)
-        self.blocks = nn.ModuleList(Block(d, args.n_head, args.dropout)
-                                    for _ in range(args.n_layer))
+        self.blocks = nn.ModuleList(Block(args) for _ in range(args.n_layer))
         self.ln_f = nn.LayerNorm(d)
         self.predict_action = nn.Sequential(nn.Linear(d, act_dim), nn.Tanh())
         for m in self.blocks.modules():  # vendored GPT-2 init: every Linear N(0, 0.02), bias 0
@@ -250,37 +240,30 @@ class DecisionTransformer(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def tokens(self, states, actions, returns, timesteps):
-        """Per step (R_t, s_t, a_t), each a modality's embedding + the step's timestep embedding
-        -> LayerNorm, dropout: (B, 3K, d)."""
-        time = self.embed_timestep(timesteps)                                       # (B, K, d)
-        R = self.embed_return(returns.unsqueeze(-1)) + time
-        s = self.embed_state(states) + time
-        a = self.embed_action(actions) + time
-        x = torch.stack((R, s, a), dim=2)                                          # (B, K, 3, d)
+        """R_t, s_t, a_t per step, each + its timestep embedding; LayerNorm, dropout: (B, 3K, d)"""
+        x = torch.stack((self.embed_return(returns.unsqueeze(-1)), self.embed_state(states),
+                         self.embed_action(actions)), dim=2)                       # (B, K, 3, d)
+        x = x + self.embed_timestep(timesteps).unsqueeze(2)  # + each step's timestep embedding
         return self.drop(self.embed_ln(x.flatten(1, 2)))                            # (B, 3K, d)
 
     def forward(self, states, actions, returns, timesteps):
-        """states (B,K,obs), actions (B,K,act), returns (B,K), timesteps (B,K) -> actions
-        (B,K,act), a_t read at s_t's token (token 1 of a step)."""
+        """states (B,K,obs), actions (B,K,act), returns, timesteps (B,K) -> a_t (B,K,act) at s_t"""
         x = self.tokens(states, actions, returns, timesteps)
         for block in self.blocks:
             x = block(x)
-        x = self.ln_f(x).unflatten(1, (states.shape[1], 3))                         # (B, K, 3, d)
-        return self.predict_action(x[:, :, 1])
+        return self.predict_action(self.ln_f(x)[:, 1::3])  # at s_t's tokens: (B, K, act)
 
-    # -- speed trick: at evaluation only a_t of the last step is read, so the sequence is cut
-    # after s_t and the last block computes that query alone (tested == forward).
     @torch.no_grad()
     def predict_last(self, states, actions, returns, timesteps):
-        """-> forward()'s action at the last step, (B, act)."""
+        """-> forward()'s action at the last step, (B, act). Speed trick (evaluation): the tokens
+        end at that s_t and the last block computes its query alone (tested == forward)."""
         x = self.tokens(states, actions, returns, timesteps)[:, :3 * states.shape[1] - 1]
         for i, block in enumerate(self.blocks):
             x = block(x, last_only=i == len(self.blocks) - 1)
         return self.predict_action(self.ln_f(x)[:, 0])
 
 def game_mask(K: int, P: int) -> torch.Tensor:
-    """(L, L) bool, L = K (P + 3), True = may attend: causal, and the P patches of one frame
-    see each other (official colab; the only boolean mask in this file)."""
+    """(L, L) bool, L = K (P + 3): causal + a frame's P patches see each other (official colab)."""
     i = torch.arange(K * (P + 3))
     patch = i % (P + 3) < P
     same_frame = (i[:, None] // (P + 3) == i[None] // (P + 3)) & patch[:, None] & patch[None]
@@ -300,8 +283,7 @@ class MultiGameDT(nn.Module):
         self.pos = nn.Parameter(0.02 * torch.randn(args.context_len * (self.P + 3), d))
         self.embed_return, self.embed_action, self.embed_reward = (
             nn.Embedding(n, d) for n in (N_RETURNS, n_actions, N_REWARDS))
-        self.blocks = nn.ModuleList(Block(d, args.n_head, args.dropout, lambda: nn.GELU("tanh"))
-                                    for _ in range(args.n_layer))
+        self.blocks = nn.ModuleList(Block(args, nn.GELU("tanh")) for _ in range(args.n_layer))
         self.ln_f = nn.LayerNorm(d)
         self.predict_return, self.predict_reward = nn.Linear(d, N_RETURNS), nn.Linear(d, N_REWARDS)
         self.predict_action = nn.Linear(d, n_actions)
@@ -328,8 +310,7 @@ class MultiGameDT(nn.Module):
                 self.predict_reward(x[:, :, P + 1]))
 
 def loss_fn(pred, actions, mask, n=None) -> dict:
-    """DT Sec. 3: MSE on the actions of real steps (padding masked out; official seq_trainer.py),
-    summed / n (default: the batch's real steps)."""
+    """DT Sec. 3 / seq_trainer.py: MSE of real steps' actions, summed / n (default: their count)."""
     m = mask.float()                                                                # (B, K)
     n = m.sum() if n is None else n
     action_loss = (((pred.float() - actions) ** 2).mean(-1) * m).sum() / n
@@ -340,27 +321,30 @@ def game_loss(logits, batch, n=None) -> dict:
     steps (summed / n, default their number); patch tokens get no loss (nothing predicts o_t)."""
     *_, returns, actions, rewards, mask = batch
     m = mask.float()
-    out = {f"{name}_loss": (F.cross_entropy(z.float().transpose(1, 2), y, reduction="none")
-                            * m).sum() / (m.sum() if n is None else n)
-           for name, z, y in zip(("return", "action", "reward"), logits,
-                                 (returns, actions, rewards))}
+    out = {f"{k}_loss": (F.cross_entropy(z.float().transpose(1, 2), y, reduction="none")
+                         * m).sum() / (m.sum() if n is None else n)
+           for k, z, y in zip(("return", "action", "reward"), logits, (returns, actions, rewards))}
     out["total_loss"] = sum(out.values()) / 3
     return out
 
 def make_optimizer(model, args: Args):
     """AdamW on every parameter; lr * min((step + 1) / warmup, 1): linear warmup, then constant."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=WEIGHT_DECAY)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / max(args.warmup_steps, 1), 1.0))
-    return optimizer, scheduler
 
 # ---- policy (DT Algorithm 1; MGDT Sec. 3.4), batched over episodes (and games)
+def shift_window(buffers, t: int) -> int:
+    """-> step t's slot in window buffers (N, K, ...): min(t, K - 1), a full window shifted left."""
+    if t >= (K := buffers[0].shape[1]):  # window full: drop the oldest step
+        for buf in buffers:
+            buf[:, :-1] = buf[:, 1:].clone()
+    return min(t, K - 1)
+
 class DTPolicy:
-    """N episodes at once, their last K steps in preallocated (N, K, ...) device buffers: step t
-    writes at min(t, K - 1), and a full window shifts left (right padding, as in training).
+    """N episodes at once, their last K steps in device buffers, right-padded as in training.
     Episodes that observe() reports done get no more forward passes (their actions are 0)."""
-    def __init__(self, model: DecisionTransformer, args: Args, state_mean, state_std,
-                 target: Optional[float] = None):
+    def __init__(self, model: DecisionTransformer, args: Args, state_mean, state_std, target=None):
         self.model, self.args, self.target = model, args, target
         self.device = next(model.parameters()).device
         self.mean = torch.as_tensor(state_mean, dtype=torch.float32, device=self.device)
@@ -373,17 +357,13 @@ class DTPolicy:
         self.returns = torch.zeros(n, K, device=dev)
         self.timesteps = torch.zeros(n, K, device=dev, dtype=torch.long)
         self.next_return = torch.full((n,), (self.target or 0.0) / REWARD_SCALE, device=dev)
-        self.live = np.ones(n, dtype=bool)  # on the host: the env's dones arrive there
-        self.t = 0
+        self.live, self.t = np.ones(n, dtype=bool), 0  # on the host: the env's dones arrive there
 
     @torch.no_grad()
     def __call__(self, obs):
         """obs (N, obs_dim) -> actions (N, act_dim), numpy."""
-        K = self.args.context_len
-        if self.t >= K:  # window full: drop the oldest step
-            for buf in (self.states, self.actions, self.returns, self.timesteps):
-                buf[:, :-1] = buf[:, 1:].clone()
-        p = min(self.t, K - 1)
+        buffers = (self.states, self.actions, self.returns, self.timesteps)
+        p = shift_window(buffers, self.t)
         self.states[:, p] = (torch.as_tensor(obs, device=self.device) - self.mean) / self.std
         self.actions[:, p] = 0.0  # a_t is not known yet; causality hides it from s_t and R_t
         self.timesteps[:, p] = min(self.t, MAX_EP_LEN - 1)
@@ -391,7 +371,6 @@ class DTPolicy:
         live = torch.as_tensor(np.flatnonzero(self.live), device=self.device)
         rows = slice(None) if self.live.all() else live  # finished episodes: no forward pass
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
-            buffers = (self.states, self.actions, self.returns, self.timesteps)
             act = self.model.predict_last(*(b[rows, :p + 1] for b in buffers))
         self.actions[rows, p] = act.float()                       # Alg. 1: a_t = DT(R, s, a, t)
         return self.actions[:, p].cpu().numpy().copy()                             # (N, act)
@@ -414,8 +393,7 @@ def sample_expert_return(logits, kappa: float, gen=None):
     return torch.multinomial(probs, RETURN_SAMPLES, replacement=True, generator=gen).amax(-1)
 
 def sample_action(logits, gen=None):
-    """Official: temperature 1 over the logits above their 50th percentile (the largest always
-    kept). logits (n, A) -> actions (n,)."""
+    """Official: T = 1 over the logits above their 50th percentile (and the max): (n, A) -> (n,)."""
     logits = logits.float()
     cut = torch.quantile(logits, ACTION_TOP_PERCENTILE / 100, dim=-1, keepdim=True)
     keep = (logits > cut) | (logits == logits.amax(-1, keepdim=True))
@@ -423,9 +401,8 @@ def sample_action(logits, gen=None):
     return torch.multinomial(probs, 1, generator=gen)[:, 0]
 
 class GamePolicy:
-    """MGDT in N episodes at once: per step R_t from the return head (expert inference, kappa)
-    or a fixed target minus the rewards so far (return-conditioned DT, `targets` (N,)), then a_t
-    from the action head; windows as DTPolicy's; finished episodes get no forward pass."""
+    """MGDT in N episodes at once, windows as DTPolicy's: per step R_t from the return head (expert
+    inference, kappa) or a target minus the rewards so far (`targets` (N,)), then a_t."""
     def __init__(self, model: MultiGameDT, args: Args, stats: dict):
         self.model, self.args, self.stats = model, args, stats
         self.device = next(model.parameters()).device
@@ -449,18 +426,12 @@ class GamePolicy:
     @torch.no_grad()
     def __call__(self, obs):
         """obs (N, H, W, C) uint8 -> actions (N,) int64 numpy (finished episodes': ignored)."""
-        K = self.args.context_len
-        if self.t >= K:  # window full: drop the oldest step
-            for buf in (self.obs, self.tok):
-                buf[:, :-1] = buf[:, 1:].clone()
-        p = min(self.t, K - 1)
+        p = shift_window((self.obs, self.tok), self.t)
         self.obs[:, p] = torch.as_tensor(obs, device=self.device)
         rows = torch.as_tensor(np.flatnonzero(self.live), device=self.device)
-        if self.left is None:  # Sec. 3.4: R_t ~ P(R_t | o_t, history) tilted to high returns
-            R = sample_expert_return(self._logits(rows, p, 0), self.kappa, self.gen)
-        else:
-            R = encode_return(self.left[rows])
-        self.tok[rows, p, 0] = R
+        # R_t: Sec. 3.4's draw from P(R_t | o_t, history) tilted to high returns, or the target's
+        self.tok[rows, p, 0] = (sample_expert_return(self._logits(rows, p, 0), self.kappa, self.gen)
+                                if self.left is None else encode_return(self.left[rows]))
         self.tok[rows, p, 1] = sample_action(self._logits(rows, p, 1), self.gen)
         return self.tok[:, p, 1].cpu().numpy()
 
@@ -474,26 +445,23 @@ class GamePolicy:
         self.t += 1
 
 def evaluate(policy, args: Args) -> dict:
-    """DT: each target return on args.eval_episodes episodes at once; games: every game at once,
-    expert inference or the --target-returns. -> each entry's mean return and normalized score,
-    and the headline (DT: the first target's; games: the mean over games)."""
-    games, res = isinstance(policy, GamePolicy), {}
-    if games:
-        s, n = policy.stats, args.eval_episodes
-        policy.kappa = args.expert_kappa
+    """DT: each target return of policy.args (default: its env's) on args.eval_episodes episodes at
+    once; games: every game at once, expert inference or --target-returns. -> each entry's mean
+    return and normalized score, and the headline (DT: the first target's; games: the mean)."""
+    n, seed, res = args.eval_episodes, args.seed + 10_000, {}
+    if games := isinstance(policy, GamePolicy):
+        s, policy.kappa = policy.stats, args.expert_kappa
         targets = args.target_returns and np.broadcast_to(args.target_returns, len(s["games"]))
         policy.targets = None if targets is None else np.repeat(targets, n)
-        r = common.evaluate(policy, "+".join(s["games"]), n, args.seed + 10_000,
+        r = common.evaluate(policy, "+".join(s["games"]), n, seed,
                             args.eval_max_steps or GAME_SPEC[s["family"]][-1])  # game k: k n..
-        for k, (game, (lo, hi)) in enumerate(zip(s["games"], s["refs"])):
-            R = r["returns"][k * n:(k + 1) * n]
+        for game, (lo, hi), R in zip(s["games"], s["refs"], r["returns"].reshape(-1, n)):
             res[game.split("/")[1]] = dict(returns=R, normalized=(R - lo) / (hi - lo))
     else:
-        for target in policy.args.target_returns or TARGET_RETURNS[args.env]:
+        for target in policy.args.target_returns or TARGET_RETURNS[policy.args.env]:
             policy.target = target
-            res[f"target{target:g}"] = common.evaluate(
-                policy, args.env, args.eval_episodes, seed=args.seed + 10_000,
-                max_steps=args.eval_max_steps, dataset=args.dataset)
+            res[f"target{target:g}"] = common.evaluate(policy, policy.args.env, n, seed,
+                                                       args.eval_max_steps, dataset=args.dataset)
     out = {f"eval/{name}/{key}": float(r[field].mean()) for name, r in res.items()
            for key, field in (("return_mean", "returns"), ("normalized_score", "normalized"))}
     for key in ("return_mean", "normalized_score"):
@@ -505,20 +473,16 @@ def report(metrics: dict) -> str:
     return ", ".join(f"{k[5:]} {v:.2f}" for k, v in metrics.items() if k.count("/") == 2)
 
 # ---- run
-def is_game(env: str) -> bool:
-    return env.startswith(("minatar/", "atari/"))
-
 def check_args(args: Args) -> Args:
     """Clear errors for settings that cannot run; DT / MGDT defaults for dataset and K."""
-    if not (games := is_game(args.env)):
+    if not (games := args.env.startswith(GAMES)):
         common.env_id(args.env)  # an unknown env: a named error
-    if games and len({g.split("/")[0] for g in args.env.split("+")}) > 1:
+        if not (args.target_returns or args.env in TARGET_RETURNS or args.eval_only or args.resume):
+            raise ValueError(f"no default target returns for {args.env!r}: pass --target-returns R")
+    elif len({g.split("/")[0] for g in args.env.split("+")}) > 1:
         raise ValueError(f"one action space: games of one family only, got {args.env!r}")
     args.dataset = args.dataset or ("dqn" if games else "medium")
     args.context_len = args.context_len or (4 if games else 20)
-    if not (args.target_returns or games or args.env in TARGET_RETURNS
-            or args.eval_only or args.resume):
-        raise ValueError(f"no default target returns for {args.env!r}: pass --target-returns R ...")
     for name in ("total_steps", "batch_size", "eval_every", "eval_episodes", "context_len",
                  "embed_dim", "n_layer", "n_head"):
         if getattr(args, name) < 1:
@@ -531,12 +495,13 @@ def check_args(args: Args) -> Args:
         raise ValueError("--eval-only needs --checkpoint PATH (a checkpoint.pt written by dt.py)")
     return args
 
-def checkpoint_args(ckpt: dict) -> Args:
-    return Args(**{k: v for k, v in ckpt["args"].items() if k in Args.__dataclass_fields__})
+def load_checkpoint(path) -> tuple[Args, dict]:
+    ckpt = common.load_checkpoint(path, "dt")
+    return Args(**{k: v for k, v in ckpt["args"].items() if k in Args.__dataclass_fields__}), ckpt
 
 def load_data(args: Args, device):
     """-> TrajectoryData (args.env becomes the dataset's env) or GameData of the games."""
-    if not is_game(args.env):
+    if not args.env.startswith(GAMES):
         dataset = common.load_dataset(args.env, args.dataset, path=args.dataset_path)
         args.env = dataset.env
         return TrajectoryData(dataset, args, device)
@@ -549,29 +514,16 @@ def make_model(args: Args, stats: dict) -> nn.Module:
             else DecisionTransformer(stats["obs_dim"], stats["act_dim"], args))
 
 def run_args(args: Args):
-    """-> the run's args and the weights it starts from. --resume: the checkpoint's settings but
-    this command's run length and evaluation; --checkpoint: fine-tuning (Sec. 4.5), the
-    checkpoint's architecture and weights."""
+    """-> the run's args and the weights it starts from (None: fresh). --resume: the checkpoint's
+    args but this command's run length and evaluation; --checkpoint: fine-tuning (Sec. 4.5)."""
+    if not (path := args.resume or args.checkpoint):
+        return args, None
+    saved, ckpt = load_checkpoint(path)
     if args.resume:
         keep = ("resume", "total_steps", "eval_every", "eval_episodes", "eval_max_steps", "cuda")
-        saved = checkpoint_args(common.load_checkpoint(args.resume, "dt"))
         return dataclasses.replace(saved, **{k: getattr(args, k) for k in keep}), None
-    if args.checkpoint:
-        tuned = common.load_checkpoint(args.checkpoint, "dt")
-        arch = ("embed_dim", "n_layer", "n_head", "context_len")
-        return dataclasses.replace(args, **{k: tuned["args"][k] for k in arch}), tuned["model"]
-    return args, None
-
-def init_distributed(device: torch.device):
-    """-> rank, world size, device. torchrun: the process group from its environment (NCCL on
-    CUDA, gloo on CPU), a GPU per local rank, a stuck collective raising after 1 h; plain python:
-    0, 1 and `device`, no process group."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:
-        if device.type == "cuda":
-            torch.cuda.set_device(device := torch.device("cuda", int(os.environ["LOCAL_RANK"])))
-        dist.init_process_group(timeout=timedelta(hours=1))
-    return rank, world, device
+    arch = ("embed_dim", "n_layer", "n_head", "context_len")  # the checkpoint's, and its weights
+    return dataclasses.replace(args, **{k: getattr(saved, k) for k in arch}), ckpt["model"]
 
 def make_policy(model, stats: dict, args: Args):
     if "games" in stats:
@@ -584,25 +536,26 @@ def main(argv=None) -> dict:
     device = common.get_device(args.cuda)
     if args.eval_only:  # everything but the evaluation settings comes from the checkpoint
         policy = load_policy(args.checkpoint, device)
-        args.env = policy.args.env
         policy.args.target_returns = args.target_returns or policy.args.target_returns
         out = evaluate(policy, args)
         print(f"[dt] {args.checkpoint}: {report(out)}")
         return out
     args, weights = run_args(args)
-    rank, world, device = init_distributed(device)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun
+    if world > 1:  # a GPU per local rank; NCCL (gloo on CPU); a stuck collective raises after 1 h
+        if device.type == "cuda":
+            torch.cuda.set_device(device := torch.device("cuda", int(os.environ["LOCAL_RANK"])))
+        dist.init_process_group(timeout=timedelta(hours=1))
     common.set_seed(args.seed + rank)  # dropout differs by rank; DDP copies rank 0's weights
     data = load_data(args, device)
     model = make_model(args, data.stats()).to(device)
-    if weights is not None:
-        model.load_state_dict(weights)
+    weights is None or model.load_state_dict(weights)  # fine-tuning (Sec. 4.5)
     ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer, scheduler = make_optimizer(model, args)
     gen = torch.Generator(device=device).manual_seed(args.seed)  # the batch sampler's stream
     run = common.Run(args, "dt", extra=data.stats(), model=model, optimizer=optimizer,
                      scheduler=scheduler, sampler=gen)
-    print(f"[dt] {args.env}: {len(data.lengths)} episodes, {int(data.lengths.sum())} steps, "
-          f"{device}")
+    print(f"[dt] {args.env}: {len(data.lengths)} episodes, {data.lengths.sum():d} steps, {device}")
     out = {}
     for step in run.loop(args.total_steps):
         *inputs, mask = batch = data.sample(args.batch_size, args.context_len, gen, rank, world)
@@ -611,7 +564,7 @@ def main(argv=None) -> dict:
             dist.all_reduce(n := n / world)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             outputs = ddp(*inputs)
-        losses = (game_loss(outputs, batch, n) if is_game(args.env)
+        losses = (game_loss(outputs, batch, n) if isinstance(data, GameData)
                   else loss_fn(outputs, inputs[1], mask, n))
         optimizer.zero_grad(set_to_none=True)
         losses["total_loss"].backward()
@@ -638,8 +591,7 @@ def load_policy(path, device="cpu"):
     """The batched policy of a dt.py checkpoint: policy.reset(n); act = policy(obs (n, obs_dim)
     or frames (n, H, W, C)); policy.observe(rewards, dones). DT conditions on the checkpoint's
     first target return; MGDT uses expert inference (policy.kappa, policy.targets)."""
-    ckpt = common.load_checkpoint(path, "dt")
-    args = checkpoint_args(ckpt)
+    args, ckpt = load_checkpoint(path)
     model = make_model(args, ckpt)
     model.load_state_dict(ckpt["model"])
     return make_policy(model.to(device).eval(), ckpt, args)
