@@ -16,8 +16,8 @@ learns hopper and halfcheetah; defaults are the 79M setting (App. C.1). Deviatio
   episode, not a cut timestep (Sec. 2.4: the first L tokens); the window slides by timesteps.
 - Data: ARS expert datasets (make_datasets.py); the random score uses uniform actions.
 Quick run (CPU): python gato_tokens.py --n-layer 2 --n-embd 128 --n-head 4 --dropout 0 \
-    --seq-len 48 --batch-size 64 --lr 1e-3 --warmup-steps 300 --total-steps 4560 --vocab action \
-    --action-positions index --eval-every 2280 --temperature 0 --no-cuda
+    --seq-len 48 --batch-size 64 --lr 1e-3 --warmup-steps 300 --total-steps 18240 --vocab action \
+    --action-positions index --eval-every 9120 --temperature 0 --no-cuda
 """
 import math
 import os
