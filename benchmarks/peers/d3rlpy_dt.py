@@ -76,7 +76,7 @@ def dt_update(path: str, bf16: bool):
     import dt
 
     data = common.load_dataset("hopper", path=path, verbose=False)
-    args = dt.Args(bf16=bf16)
+    args = dt.check_args(dt.Args(bf16=bf16))  # K = 20 and the other defaults
     cpu = torch.device("cpu")
     return bench_dt.make_update(dt.TrajectoryData(data, args, cpu), args, cpu)
 
