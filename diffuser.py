@@ -18,10 +18,10 @@ Deviations, all off by default unless said:
 - --bf16: autocast for planning and training; README gives its speed and action tolerance.
 - Both networks train in one loop (one Adam over disjoint parameters equals two Adams; batch 64
   equals the official 32 x 2 accumulation); the official code trains them in two scripts.
-- An episode without an end flag at the end of the data is kept (common.py closes it with a
-  timeout); the official loader drops it.
-Quick CPU run (results in README):
-  python diffuser.py --dim 16 --total-steps 16000 --lr 5e-4 --ema-every 1 --ema-start 500
+- A last episode without an end flag is kept (closed as a timeout); the official loader drops it.
+CPU run (results in README):
+  python diffuser.py --dim 16 --total-steps 16000 --lr 5e-4 --ema-every 1 --ema-start 500 \
+      --n-plans 4 --eval-episodes 10
 """
 from __future__ import annotations
 
