@@ -15,6 +15,8 @@ Named deviations (and why):
   * MinAtar: 5x5 patches (2x2 grid), channels zero-padded to seaquest's 10 (one patch embedding
     for all games), values 0/1 taken as they are (Atari frames / 255 as the official code).
   * --expert-kappa 0: one draw from P(R_t) (kappa > 0: the official best of 128 at T = 0.75).
+  * MGDT return head's bias starts at the data's log class frequencies (unseen: log 1e-9): from
+    PyTorch's init, CPU budgets leave unseen R enough mass that kappa 10 draws them (README).
 
     python dt.py --env hopper                    # DT paper config: 100k updates on hopper/medium
     python dt.py --env minatar/asterix+minatar/breakout+minatar/freeway+minatar/seaquest
@@ -39,13 +41,13 @@ import common
 TARGET_RETURNS = {"hopper": (3600, 1800), "halfcheetah": (12000, 6000), "walker2d": (5000, 2500)}
 REWARD_SCALE = 1000.0  # returns-to-go and rewards are divided by this, in training and rollouts
 MAX_EP_LEN = 1000      # timestep-embedding size; later steps use the last row (official cutoff)
-WEIGHT_DECAY, GRAD_CLIP = 1e-4, 0.25
-LOG_EVERY = 100        # updates between loss logs
+WEIGHT_DECAY, GRAD_CLIP, LOG_EVERY = 1e-4, 0.25, 100  # LOG_EVERY (ours): updates per loss log
 # MGDT (Sec. 3.2 and the official colab): return classes, reward classes (0 none, 1 positive,
-# 2 episode end (never produced), 3 negative), expert-inference and action sampling constants.
+# 2 episode end (never produced), 3 negative), expert-inference and action sampling constants;
+# the floor of the return head's initial log-prior bias (a named deviation, docstring).
 RETURN_MIN, RETURN_MAX = -20, 100
 N_RETURNS, N_REWARDS = RETURN_MAX - RETURN_MIN + 1, 4
-RETURN_SAMPLES, RETURN_TEMPERATURE, ACTION_TOP_PERCENTILE = 128, 0.75, 50
+RETURN_SAMPLES, RETURN_TEMPERATURE, ACTION_TOP_PERCENTILE, RETURN_PRIOR_FLOOR = 128, 0.75, 50, 1e-9
 # family: frame H, W, channels, patch size, actions (one set for all games), pixel scale, step cap
 GAME_SPEC = {"minatar": (10, 10, 10, 5, 6, 1.0, 2500),  # MinAtar's cap: make_datasets.py's
              "atari": (84, 84, 1, 14, 18, 255.0, 27_000)}  # Atari: 108k frames / frame skip 4
@@ -467,10 +469,8 @@ def evaluate(policy, args: Args) -> dict:
     for key in ("return_mean", "normalized_score"):
         values = [v for k, v in out.items() if k.endswith("/" + key)]
         out[f"eval/{key}"] = float(np.mean(values) if games else values[0])
+    print("[dt]", ", ".join(f"{k[5:]} {v:.2f}" for k, v in out.items() if k.count("/") == 2))
     return out
-
-def report(metrics: dict) -> str:
-    return ", ".join(f"{k[5:]} {v:.2f}" for k, v in metrics.items() if k.count("/") == 2)
 
 # ---- run
 def check_args(args: Args) -> Args:
@@ -537,9 +537,7 @@ def main(argv=None) -> dict:
     if args.eval_only:  # everything but the evaluation settings comes from the checkpoint
         policy = load_policy(args.checkpoint, device)
         policy.args.target_returns = args.target_returns or policy.args.target_returns
-        out = evaluate(policy, args)
-        print(f"[dt] {args.checkpoint}: {report(out)}")
-        return out
+        return evaluate(policy, args)
     args, weights = run_args(args)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun
     if world > 1:  # a GPU per local rank; NCCL (gloo on CPU); a stuck collective raises after 1 h
@@ -550,6 +548,9 @@ def main(argv=None) -> dict:
     data = load_data(args, device)
     model = make_model(args, data.stats()).to(device)
     weights is None or model.load_state_dict(weights)  # fine-tuning (Sec. 4.5)
+    if weights is None and isinstance(data, GameData):  # deviation: return head bias = log prior
+        freq = torch.bincount(data.returns, minlength=N_RETURNS) / len(data.returns)  # (121,)
+        model.predict_return.bias.data.copy_(freq.clamp(min=RETURN_PRIOR_FLOOR).log())
     ddp = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer, scheduler = make_optimizer(model, args)
     gen = torch.Generator(device=device).manual_seed(args.seed)  # the batch sampler's stream
@@ -583,7 +584,6 @@ def main(argv=None) -> dict:
             run.log(**out)
             run.save()
     out["run_dir"] = str(run.finish())
-    rank or print(f"[dt] step {run.step}: {report(out)}")
     world > 1 and dist.destroy_process_group()
     return out
 

@@ -459,3 +459,18 @@ def test_bad_input_errors(tmp_path):
     bad["observations"] = np.zeros((20, 8, 8, 4), np.uint8)
     with pytest.raises(common.DatasetError, match="observations of shape"):
         dt.GameData({"minatar/breakout": bad}, tiny_args(), torch.device("cpu"))
+
+
+def test_return_head_starts_at_the_log_prior(tmp_path):
+    """Named deviation: a fresh MGDT's return-head bias is the log frequency of the training
+    return classes, unseen classes at log(1e-9) (lr 0 keeps the initial weights)."""
+    write_games()
+    out = dt.main(TINY + ["--env", "+".join(GAMES), "--total-steps", "1", "--eval-every", "1",
+                          "--lr", "0"])
+    bias = common.load_checkpoint(Path(out["run_dir"]) / "checkpoint.pt", "dt")["model"][
+        "predict_return.bias"]
+    data = dt.GameData({g: common.load_dataset(g, "dqn") for g in GAMES}, tiny_args(), "cpu")
+    freq = torch.bincount(data.returns, minlength=121).double() / len(data.returns)
+    assert 0 < (freq > 0).sum() < 121
+    torch.testing.assert_close(bias.double(), freq.clamp(min=1e-9).log(), atol=1e-5, rtol=0)
+    assert bias[120].item() == pytest.approx(-20.7233, abs=1e-3)  # log(1e-9): R >= 100 unseen
