@@ -165,5 +165,26 @@ def batched_envs(quick: bool):
             for k, (best, _) in res.items()]
 
 
+def profile_ops(quick: bool, top: int = 8):
+    """Where one full-replanning decision's time goes, fp32 and bf16 (torch.profiler, self CPU
+    time by op, % of the total), hopper, 64 plans."""
+    from torch.profiler import ProfilerActivity, profile
+    dim, plans = (16, 8) if quick else (32, 64)
+    obs, rows = torch.randn(1, 11), []
+    for bf16 in (False, True):
+        planner = _planner(dim, plans, bf16=bf16)
+        planner.plan(obs)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            planner.plan(obs)
+        ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in ops)
+        setting = f"hopper H=32, dim {dim}, 1 env x {plans} plans, {'bf16' if bf16 else 'fp32'}"
+        rows += [dict(row="diffuser_profile", metric=e.key, value=100 * e.self_cpu_time_total
+                      / total, unit="% self CPU", setting=setting,
+                      notes=f"{e.self_cpu_time_total / 1e6:.3f} s, {e.count} calls")
+                 for e in ops[:top]]
+    return rows
+
+
 ROWS = {"diffuser_full_replanning": full_replanning, "diffuser_bf16_quality": bf16_quality,
-        "diffuser_batched_envs": batched_envs}
+        "diffuser_batched_envs": batched_envs, "diffuser_profile": profile_ops}

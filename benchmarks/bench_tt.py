@@ -151,8 +151,47 @@ def train_speed(quick: bool):
     return rows
 
 
+def decision_bound(quick: bool):
+    """A lower bound on the exact fp32 cached decision (H=15, beam 128) on this machine: its
+    Linear FLOPs at the best GEMM rate measured here plus its key-value cache reads at this
+    machine's copy bandwidth (separate PyTorch ops cannot overlap the two), against the
+    measured latency. Counts come from the run itself (FlopCounterMode, a wrapped forward)."""
+    H, B = (3, 8) if quick else (15, 128)
+    once, kv = plan_once(11, 3, H, B), [0]
+    forward = tt.CachedStream.forward
+
+    def counted(self, idx, pos0):  # every layer reads K and V of positions < pos0 + T, per row
+        n, blk = pos0 + idx.shape[1], self.model.blocks
+        kv[0] += idx.shape[0] * n * 2 * len(blk) * blk[0].proj.in_features * 4   # fp32 bytes
+        return forward(self, idx, pos0)
+    tt.CachedStream.forward = counted
+    try:
+        with FlopCounterMode(display=False) as counter:
+            once()
+    finally:
+        tt.CachedStream.forward = forward
+    linear = counter.get_flop_counts()["Global"].get(torch.ops.aten.addmm, 0)
+    peak = max(matmul_peak(), 2 * 2048 ** 3 / median_time(
+        lambda a=torch.randn(2048, 2048): a @ a, repeats=5, warmup=1))
+    x = torch.randn(16 * 2 ** 20)   # 64 MB, beyond the caches
+    y = torch.empty_like(x)
+    bandwidth = 2 * x.nbytes / median_time(lambda: y.copy_(x), repeats=10, warmup=2)
+    bound = linear / peak + kv[0] / bandwidth
+    took = median_time(once, repeats=1 if quick else 3, warmup=1)
+    setting = f"hopper sizes, H={H}, beam {B} x 2, cached fp32, random init"
+    return [dict(row="tt_decision_bound", metric="Linear layers", value=linear / 1e9,
+                 unit="GFLOP", setting=setting, notes=f"best GEMM rate here {peak / 1e9:.0f} "
+                 f"GFLOP/s: {linear / peak:.2f} s"),
+            dict(row="tt_decision_bound", metric="key-value cache reads", value=kv[0] / 1e9,
+                 unit="GB", setting=setting, notes=f"copy bandwidth here {bandwidth / 1e9:.1f} "
+                 f"GB/s: {kv[0] / bandwidth:.2f} s"),
+            dict(row="tt_decision_bound", metric="lower bound (sum)", value=bound,
+                 unit="s/decision", setting=setting, notes=f"measured {took:.2f} s"),
+            ]
+
+
 ROWS = {"tt_decision_latency": decision_latency, "tt_decision_profile": decision_profile,
-        "tt_train_speed": train_speed}
+        "tt_decision_bound": decision_bound, "tt_train_speed": train_speed}
 
 if __name__ == "__main__":  # the issue's measurement: H=15 / beam 128, cached, and its profile
     t = time.perf_counter()
