@@ -42,9 +42,8 @@ TARGET_RETURNS = {"hopper": (3600, 1800), "halfcheetah": (12000, 6000), "walker2
 REWARD_SCALE = 1000.0  # returns-to-go and rewards are divided by this, in training and rollouts
 MAX_EP_LEN = 1000      # timestep-embedding size; later steps use the last row (official cutoff)
 WEIGHT_DECAY, GRAD_CLIP, LOG_EVERY = 1e-4, 0.25, 100  # LOG_EVERY (ours): updates per loss log
-# MGDT (Sec. 3.2 and the official colab): return classes, reward classes (0 none, 1 positive,
-# 2 episode end (never produced), 3 negative), expert-inference and action sampling constants;
-# the floor of the return head's initial log-prior bias (a named deviation, docstring).
+# MGDT (Sec. 3.2, official colab): return classes, reward classes (0 none, 1 positive, 2 episode
+# end (never produced), 3 negative), expert inference, action sampling; return-prior floor (ours).
 RETURN_MIN, RETURN_MAX = -20, 100
 N_RETURNS, N_REWARDS = RETURN_MAX - RETURN_MIN + 1, 4
 RETURN_SAMPLES, RETURN_TEMPERATURE, ACTION_TOP_PERCENTILE, RETURN_PRIOR_FLOOR = 128, 0.75, 50, 1e-9
@@ -106,6 +105,8 @@ class Args:
     """dropout on embeddings (DT), attention weights and residual branches"""
     warmup_steps: int = 10_000
     """linear learning-rate warmup, then constant"""
+    decay_steps: int = 0
+    """then a linear decay to 0 over the last this many updates (0: none, as DT; README's MGDT)"""
     expert_kappa: float = 10.0
     """MGDT expert inference: kappa in log P(R) + kappa (R - R_low) / (R_high - R_low) (Sec. 3.4)"""
     data_fraction: float = 1.0
@@ -136,8 +137,7 @@ class Episodes:
 class TrajectoryData(Episodes):
     """All episodes flat on the device: z-scored states, returns-to-go (gamma 1) / REWARD_SCALE."""
     def __init__(self, data: dict, args: Args, device):
-        episodes = common.split_episodes(data)
-        obs = data["observations"]
+        episodes, obs = common.split_episodes(data), data["observations"]
         self.state_mean = torch.as_tensor(obs.mean(0), dtype=torch.float32)       # (obs_dim,)
         self.state_std = torch.as_tensor(obs.std(0) + 1e-6, dtype=torch.float32)  # (obs_dim,)
         lengths = np.array([len(ep["rewards"]) for ep in episodes])
@@ -286,9 +286,8 @@ class MultiGameDT(nn.Module):
         self.embed_return, self.embed_action, self.embed_reward = (
             nn.Embedding(n, d) for n in (N_RETURNS, n_actions, N_REWARDS))
         self.blocks = nn.ModuleList(Block(args, nn.GELU("tanh")) for _ in range(args.n_layer))
-        self.ln_f = nn.LayerNorm(d)
+        self.ln_f, self.predict_action = nn.LayerNorm(d), nn.Linear(d, n_actions)
         self.predict_return, self.predict_reward = nn.Linear(d, N_RETURNS), nn.Linear(d, N_REWARDS)
-        self.predict_action = nn.Linear(d, n_actions)
         self.register_buffer("mask", game_mask(args.context_len, self.P), persistent=False)
 
     def tokens(self, obs, returns, actions, rewards):
@@ -330,10 +329,11 @@ def game_loss(logits, batch, n=None) -> dict:
     return out
 
 def make_optimizer(model, args: Args):
-    """AdamW on every parameter; lr * min((step + 1) / warmup, 1): linear warmup, then constant."""
+    """AdamW; lr * min((s + 1) / warmup, 1, (total - s) / decay): DT's warmup, our decay."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=WEIGHT_DECAY)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min((s + 1) / max(args.warmup_steps, 1), 1.0))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
+        (s + 1) / max(args.warmup_steps, 1), 1,
+        (args.total_steps - s) / args.decay_steps if args.decay_steps else 1))  # 0: no decay
 
 # ---- policy (DT Algorithm 1; MGDT Sec. 3.4), batched over episodes (and games)
 def shift_window(buffers, t: int) -> int:
@@ -438,8 +438,7 @@ class GamePolicy:
         return self.tok[:, p, 1].cpu().numpy()
 
     def observe(self, rewards, dones):
-        p = min(self.t, self.args.context_len - 1)
-        r = torch.as_tensor(rewards, device=self.device)
+        p, r = min(self.t, self.args.context_len - 1), torch.as_tensor(rewards, device=self.device)
         self.tok[:, p, 2] = encode_reward(r)
         if self.left is not None:
             self.left -= r
@@ -489,8 +488,10 @@ def check_args(args: Args) -> Args:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.embed_dim % args.n_head:
         raise ValueError(f"--embed-dim {args.embed_dim} is not divisible by --n-head {args.n_head}")
-    if args.warmup_steps < 0 or not 0 <= args.dropout < 1 or not 0 < args.data_fraction <= 1:
-        raise ValueError("need --warmup-steps >= 0, 0 <= --dropout < 1, 0 < --data-fraction <= 1")
+    if min(args.warmup_steps, args.decay_steps) < 0:
+        raise ValueError("need --warmup-steps >= 0 and --decay-steps >= 0 (0: none)")
+    if not 0 <= args.dropout < 1 or not 0 < args.data_fraction <= 1:
+        raise ValueError("need 0 <= --dropout < 1 and 0 < --data-fraction <= 1")
     if args.eval_only and not args.checkpoint:
         raise ValueError("--eval-only needs --checkpoint PATH (a checkpoint.pt written by dt.py)")
     return args
@@ -592,8 +593,7 @@ def load_policy(path, device="cpu"):
     or frames (n, H, W, C)); policy.observe(rewards, dones). DT conditions on the checkpoint's
     first target return; MGDT uses expert inference (policy.kappa, policy.targets)."""
     args, ckpt = load_checkpoint(path)
-    model = make_model(args, ckpt)
-    model.load_state_dict(ckpt["model"])
+    (model := make_model(args, ckpt)).load_state_dict(ckpt["model"])
     return make_policy(model.to(device).eval(), ckpt, args)
 
 if __name__ == "__main__":
