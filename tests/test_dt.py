@@ -281,6 +281,16 @@ def test_optimizer_warmup_schedule():
     assert lrs == pytest.approx([1e-8, 5e-5, 0.9999e-4, 1e-4, 1e-4])
 
 
+def test_optimizer_decay_schedule():
+    """--decay-steps d (README's MGDT runs): lr * min((s + 1) / warmup, 1, (total - s) / d), linear
+    to 0 at update `total`; d = 0 (DT's default): no decay, also past the end (--resume)."""
+    args = dt.Args(total_steps=100, warmup_steps=10, decay_steps=20)
+    f = dt.make_optimizer(torch.nn.Linear(2, 2), args)[1].lr_lambdas[0]
+    assert [f(s) for s in (0, 9, 79, 80, 90, 99, 100)] == pytest.approx([.1, 1, 1, 1, .5, .05, 0])
+    f = dt.make_optimizer(torch.nn.Linear(2, 2), dt.Args(total_steps=100, warmup_steps=1))[1]
+    assert [f.lr_lambdas[0](s) for s in (0, 99, 100, 150)] == [1, 1, 1, 1]
+
+
 def synthetic_hopper(path, lengths=(5, 9, 3, 14, 7, 2, 11, 6, 4, 10)):
     d = episodes(lengths, obs_dim=11, act_dim=3, seed=1)
     d["observations"] = np.random.default_rng(2).normal(size=d["observations"].shape).astype("f4")
@@ -468,6 +478,8 @@ def test_bad_input_errors(tmp_path):
         dt.main(TINY + ["--eval-only"])
     with pytest.raises(ValueError, match="--data-fraction"):
         dt.main(TINY + ["--data-fraction", "0"])
+    with pytest.raises(ValueError, match="--decay-steps"):
+        dt.main(TINY + ["--decay-steps", "-1"])
     with pytest.raises(ValueError, match="divisible"):
         dt.main(["--embed-dim", "10", "--n-head", "3"])
     with pytest.raises(ValueError, match="--target-returns"):
