@@ -186,8 +186,7 @@ def decision_bound(quick: bool):
                  unit="GB", setting=setting, notes=f"copy bandwidth here {bandwidth / 1e9:.1f} "
                  f"GB/s: {kv[0] / bandwidth:.2f} s"),
             dict(row="tt_decision_bound", metric="lower bound (sum)", value=bound,
-                 unit="s/decision", setting=setting, notes=f"measured {took:.2f} s"),
-            ]
+                 unit="s/decision", setting=setting, notes=f"measured {took:.2f} s")]
 
 
 ROWS = {"tt_decision_latency": decision_latency, "tt_decision_profile": decision_profile,
