@@ -585,7 +585,7 @@ def main(argv=None) -> dict:
             run.log(**out)
             run.save()
     out["run_dir"] = str(run.finish())
-    world > 1 and dist.destroy_process_group()
+    world > 1 and (dist.barrier(), dist.destroy_process_group())  # no rank leaves mid-write
     return out
 
 def load_policy(path, device="cpu"):
