@@ -15,6 +15,8 @@ Named deviations (and why):
   * MinAtar: 5x5 patches (2x2 grid), channels zero-padded to seaquest's 10 (one patch embedding
     for all games), values 0/1 taken as they are (Atari frames / 255 as the official code).
   * --expert-kappa 0: one draw from P(R_t) (kappa > 0: the official best of 128 at T = 0.75).
+  * CPU dropout keeps where 16 random bits >= p 2^16: p rounds to k 2^-16 (0.1: 0.100006), for
+    4x fewer draws of the serial CPU generator (bernoulli_ draws one per element).
   * MGDT return head's bias starts at the data's log class frequencies (unseen: log 1e-9): from
     PyTorch's init, CPU budgets leave unseen R enough mass that kappa 10 draws them (README).
 
@@ -120,7 +122,6 @@ class Episodes:
         self.starts = torch.as_tensor(np.concatenate([[0], np.cumsum(lengths)[:-1]]), device=device)
         probs = lengths / lengths.sum() if probs is None else probs  # default (DT): by length
         self.probs = torch.as_tensor(probs, dtype=torch.float32, device=device)
-
     def sample(self, B: int, K: int, gen: torch.Generator, rank: int = 0, world: int = 1):
         """K-step windows from a uniform start in [0, len) of episodes drawn by `probs` -> `fields`
         at their rows (B, K, ...), zero past the episode's end (right padding), and the real steps'
@@ -150,7 +151,6 @@ class TrajectoryData(Episodes):
         self.actions = t(data["actions"])                                           # (N, act_dim)
         self.rtg, self.timesteps = t(rtg / REWARD_SCALE), t(steps, torch.long)      # (N,), (N,)
         self.fields = (self.states, self.actions, self.rtg, self.timesteps)  # sample() order
-
     def stats(self) -> dict:
         """What a policy needs besides the weights (saved in the checkpoint, no numpy)."""
         return dict(state_mean=self.state_mean, state_std=self.state_std,
@@ -198,32 +198,40 @@ class GameData(Episodes):
         self.returns = encode_return(torch.as_tensor(rtg, device=device))
         self.rewards = encode_reward(cat("rewards"))
         self.fields = (self.obs, self.returns, self.actions, self.rewards)  # sample() order
-
     def stats(self) -> dict:
         return dict(family=self.family, games=self.games, refs=self.refs)
 
 # ---- model (DT Sec. 3 "Architecture": GPT-2 blocks of the official vendored trajectory_gpt2.py)
+def dropout(x, p: float, training: bool):
+    """F.dropout; on CPU (speed): keep x where 16 random bits, a quarter of one 64-bit draw, are
+    >= p 2^16 (a deviation, above), then scale by 1 / (1 - p)."""
+    if not training or p == 0 or x.device.type != "cpu":
+        return F.dropout(x, p, training)
+    bits = torch.empty((x.numel() + 3) // 4, dtype=torch.int64).random_(-2**63, 2**63 - 1)
+    keep = bits.view(torch.int16)[:x.numel()].view(x.shape) >= round(p * 2**16) - 2**15
+    return x * keep.to(x.dtype).mul_(1 / (1 - p))
+
 class Block(nn.Module):
     """Pre-LN GPT-2 block: causal (or `mask`) attention + 4d MLP (ReLU: official DT, MGDT: GELU)."""
     def __init__(self, args: Args, act: Optional[nn.Module] = None):
         super().__init__()
-        d, self.n_head, self.dropout = args.embed_dim, args.n_head, args.dropout
+        d, self.n_head, self.p = args.embed_dim, args.n_head, args.dropout
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), act or nn.ReLU(), nn.Linear(4 * d, d))
-        self.resid_drop = nn.Dropout(args.dropout)  # after attention and after the MLP
-
-    def forward(self, x, last_only: bool = False, mask=None):
-        """x (B, T, d) -> (B, T, d), or (B, 1, d) if last_only; mask (T, T): True = may attend."""
+    def forward(self, x, rows=slice(None), mask=None):
+        """x (B, T, d) -> (B, T', d) at `rows`, the T' tokens whose outputs are needed (only they
+        are queries; keys, values: all T); mask (T, T): True = may attend (default: causal)."""
         B, T, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
-        if last_only:  # the last token attends to every key: no mask needed
-            q, x = q[:, -1:], x[:, -1:]
+        q, x = q[:, rows], x[:, rows]
         q, k, v = (z.view(B, z.shape[1], self.n_head, -1).transpose(1, 2) for z in (q, k, v))
-        p, causal = self.dropout if self.training else 0.0, mask is None and not last_only
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
-        x = x + self.resid_drop(self.proj(y.transpose(1, 2).reshape(B, q.shape[2], d)))
-        return x + self.resid_drop(self.mlp(self.ln2(x)))
+        mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril() if mask is None else mask
+        att = (q @ k.transpose(2, 3) / q.shape[-1] ** 0.5).masked_fill(~mask[rows], -torch.inf)
+        att = dropout(att.softmax(-1), self.p, self.training)            # (B, heads, T', T)
+        y = (att @ v).transpose(1, 2).reshape(B, q.shape[2], d)           # (B, T', d)
+        x = x + dropout(self.proj(y), self.p, self.training)  # residual dropout: attention, MLP
+        return x + dropout(self.mlp(self.ln2(x)), self.p, self.training)
 
 class DecisionTransformer(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, args: Args):
@@ -231,38 +239,31 @@ class DecisionTransformer(nn.Module):
         d = args.embed_dim
         self.embed_timestep = nn.Embedding(MAX_EP_LEN, d)  # one per step, added to its 3 tokens
         self.embed_state, self.embed_action = nn.Linear(obs_dim, d), nn.Linear(act_dim, d)
-        self.embed_return = nn.Linear(1, d)
-        self.embed_ln, self.drop = nn.LayerNorm(d), nn.Dropout(args.dropout)
+        self.embed_return, self.embed_ln, self.p = nn.Linear(1, d), nn.LayerNorm(d), args.dropout
         self.blocks = nn.ModuleList(Block(args) for _ in range(args.n_layer))
         self.ln_f = nn.LayerNorm(d)
         self.predict_action = nn.Sequential(nn.Linear(d, act_dim), nn.Tanh())
-        for m in self.blocks.modules():  # vendored GPT-2 init: every Linear N(0, 0.02), bias 0
-            if isinstance(m, nn.Linear):  # (embeddings and heads outside it: PyTorch defaults)
-                nn.init.normal_(m.weight, 0.0, 0.02)
-                nn.init.zeros_(m.bias)
-
+        for m in (m for m in self.blocks.modules() if isinstance(m, nn.Linear)):
+            nn.init.normal_(m.weight, 0.0, 0.02)  # vendored GPT-2 init: each Linear N(0, 0.02),
+            nn.init.zeros_(m.bias)  # bias 0 (embeddings and heads outside it: PyTorch defaults)
     def tokens(self, states, actions, returns, timesteps):
         """R_t, s_t, a_t per step, each + its timestep embedding; LayerNorm, dropout: (B, 3K, d)"""
         x = torch.stack((self.embed_return(returns.unsqueeze(-1)), self.embed_state(states),
                          self.embed_action(actions)), dim=2)                       # (B, K, 3, d)
         x = x + self.embed_timestep(timesteps).unsqueeze(2)  # + each step's timestep embedding
-        return self.drop(self.embed_ln(x.flatten(1, 2)))                            # (B, 3K, d)
-
-    def forward(self, states, actions, returns, timesteps):
-        """states (B,K,obs), actions (B,K,act), returns, timesteps (B,K) -> a_t (B,K,act) at s_t"""
-        x = self.tokens(states, actions, returns, timesteps)
-        for block in self.blocks:
+        return dropout(self.embed_ln(x.flatten(1, 2)), self.p, self.training)        # (B, 3K, d)
+    def forward(self, states, actions, returns, timesteps, rows=slice(1, None, 3)):
+        """states (B,K,obs), actions (B,K,act), returns, timesteps (B,K) -> a_t at s_t (B,K,act).
+        Exact speed-ups (tested): a_K's token is left out (nothing reads it), and the last block
+        computes the `rows` the head reads alone (default: every s_t)."""
+        x = self.tokens(states, actions, returns, timesteps)[:, :-1]                # (B, 3K-1, d)
+        for block in self.blocks[:-1]:
             x = block(x)
-        return self.predict_action(self.ln_f(x)[:, 1::3])  # at s_t's tokens: (B, K, act)
-
+        return self.predict_action(self.ln_f(self.blocks[-1](x, rows)))             # (B, K, act)
     @torch.no_grad()
     def predict_last(self, states, actions, returns, timesteps):
-        """-> forward()'s action at the last step, (B, act). Speed trick (evaluation): the tokens
-        end at that s_t and the last block computes its query alone (tested == forward)."""
-        x = self.tokens(states, actions, returns, timesteps)[:, :3 * states.shape[1] - 1]
-        for i, block in enumerate(self.blocks):
-            x = block(x, last_only=i == len(self.blocks) - 1)
-        return self.predict_action(self.ln_f(x)[:, 0])
+        """-> forward()[:, -1], (B, act): the last block computes the last s_t's row alone."""
+        return self(states, actions, returns, timesteps, rows=slice(-1, None))[:, 0]
 
 def game_mask(K: int, P: int) -> torch.Tensor:
     """(L, L) bool, L = K (P + 3): causal + a frame's P patches see each other (official colab)."""
@@ -289,7 +290,6 @@ class MultiGameDT(nn.Module):
         self.ln_f, self.predict_action = nn.LayerNorm(d), nn.Linear(d, n_actions)
         self.predict_return, self.predict_reward = nn.Linear(d, N_RETURNS), nn.Linear(d, N_REWARDS)
         self.register_buffer("mask", game_mask(args.context_len, self.P), persistent=False)
-
     def tokens(self, obs, returns, actions, rewards):
         """obs (B, K, H, W, C) uint8; returns, actions, rewards (B, K) -> (B, K (P + 3), d)"""
         B, K = actions.shape
@@ -299,7 +299,6 @@ class MultiGameDT(nn.Module):
                            self.embed_reward(rewards)), dim=2)                   # (B, K, 3, d)
         x = torch.cat((patches.unflatten(0, (B, K)), Rar), dim=2).flatten(1, 2)
         return x + self.pos[:x.shape[1]]
-
     def forward(self, obs, returns, actions, rewards):
         """-> logits of R_t (B, K, 121), a_t (B, K, actions), r_t (B, K, 4)."""
         x = self.tokens(obs, returns, actions, rewards)
@@ -312,9 +311,8 @@ class MultiGameDT(nn.Module):
 
 def loss_fn(pred, actions, mask, n=None) -> dict:
     """DT Sec. 3 / seq_trainer.py: MSE of real steps' actions, summed / n (default: their count)."""
-    m = mask.float()                                                                # (B, K)
-    n = m.sum() if n is None else n
-    action_loss = (((pred.float() - actions) ** 2).mean(-1) * m).sum() / n
+    n = mask.sum() if n is None else n                                    # mask (B, K) bool
+    action_loss = (((pred.float() - actions) ** 2).mean(-1) * mask).sum() / n
     return dict(action_loss=action_loss, total_loss=action_loss)
 
 def game_loss(logits, batch, n=None) -> dict:
@@ -329,9 +327,9 @@ def game_loss(logits, batch, n=None) -> dict:
     return out
 
 def make_optimizer(model, args: Args):
-    """AdamW; lr * min((s + 1) / warmup, 1, (total - s) / decay): DT's warmup, our decay."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=WEIGHT_DECAY)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(
+    """AdamW (fused); lr * min((s + 1) / warmup, 1, (total - s) / decay): DT's warmup, our decay."""
+    opt = torch.optim.AdamW(model.parameters(), args.lr, weight_decay=WEIGHT_DECAY, fused=True)
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(
         (s + 1) / max(args.warmup_steps, 1), 1,
         (args.total_steps - s) / args.decay_steps if args.decay_steps else 1))  # 0: no decay
 
@@ -351,7 +349,6 @@ class DTPolicy:
         self.device = next(model.parameters()).device
         self.mean = torch.as_tensor(state_mean, dtype=torch.float32, device=self.device)
         self.std = torch.as_tensor(state_std, dtype=torch.float32, device=self.device)
-
     def reset(self, n: int):
         K, dev, act_dim = self.args.context_len, self.device, self.model.embed_action.in_features
         self.states = torch.zeros(n, K, self.mean.numel(), device=dev)
@@ -360,7 +357,6 @@ class DTPolicy:
         self.timesteps = torch.zeros(n, K, device=dev, dtype=torch.long)
         self.next_return = torch.full((n,), (self.target or 0.0) / REWARD_SCALE, device=dev)
         self.live, self.t = np.ones(n, dtype=bool), 0  # on the host: the env's dones arrive there
-
     @torch.no_grad()
     def __call__(self, obs):
         """obs (N, obs_dim) -> actions (N, act_dim), numpy."""
@@ -376,7 +372,6 @@ class DTPolicy:
             act = self.model.predict_last(*(b[rows, :p + 1] for b in buffers))
         self.actions[rows, p] = act.float()                       # Alg. 1: a_t = DT(R, s, a, t)
         return self.actions[:, p].cpu().numpy().copy()                             # (N, act)
-
     def observe(self, rewards, dones):
         p = min(self.t, self.args.context_len - 1)
         r = torch.as_tensor(rewards, dtype=torch.float32, device=self.device)
@@ -410,7 +405,6 @@ class GamePolicy:
         self.device = next(model.parameters()).device
         self.gen = torch.Generator(device=self.device)
         self.kappa, self.targets = args.expert_kappa, None  # evaluate() sets both
-
     def reset(self, n: int):
         K, (H, W, C) = self.args.context_len, GAME_SPEC[self.stats["family"]][:3]
         self.obs = torch.zeros(n, K, H, W, C, dtype=torch.uint8, device=self.device)
@@ -419,12 +413,10 @@ class GamePolicy:
             self.targets, dtype=torch.float64, device=self.device)   # (n,) return still to get
         self.live, self.t = np.ones(n, dtype=bool), 0
         self.gen.manual_seed(self.args.seed)
-
     def _logits(self, rows, p: int, head: int):
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
             window = (self.obs[rows, :p + 1], *self.tok[rows, :p + 1].unbind(-1))
             return self.model(*window)[head][:, p].float()
-
     @torch.no_grad()
     def __call__(self, obs):
         """obs (N, H, W, C) uint8 -> actions (N,) int64 numpy (finished episodes': ignored)."""
@@ -436,7 +428,6 @@ class GamePolicy:
                                 if self.left is None else encode_return(self.left[rows]))
         self.tok[rows, p, 1] = sample_action(self._logits(rows, p, 1), self.gen)
         return self.tok[:, p, 1].cpu().numpy()
-
     def observe(self, rewards, dones):
         p, r = min(self.t, self.args.context_len - 1), torch.as_tensor(rewards, device=self.device)
         self.tok[:, p, 2] = encode_reward(r)

@@ -184,6 +184,47 @@ def test_predict_last_equals_forward():
         torch.testing.assert_close(model.predict_last(*w), model(*w)[:, -1])
 
 
+def test_dropout_law_and_scale():
+    """dt.dropout (CPU: 16-bit draws): each element dropped with probability p (to 2^-16, within
+    5 standard deviations on 2M draws), neighbours independently (p^2), kept ones scaled by
+    1 / (1 - p), fresh draws per call; eval: the identity."""
+    x = torch.randn(2_000_000)
+    for p in (0.1, 0.5):
+        y = dt.dropout(x, p, training=True)
+        dropped = (y == 0).double().mean().item()
+        assert abs(dropped - p) < 5 * (p * (1 - p) / x.numel()) ** 0.5, (p, dropped)
+        both = ((y[:-1] == 0) & (y[1:] == 0)).double().mean().item()
+        assert abs(both - p * p) < 5 * (p * p / x.numel()) ** 0.5, (p, both)
+        torch.testing.assert_close(y[y != 0], x[y != 0] / (1 - p))
+        assert dt.dropout(x, p, training=False) is x
+    assert not (dt.dropout(x[:1000], 0.1, True) == dt.dropout(x[:1000], 0.1, True)).all()
+
+
+def test_dropout_places(monkeypatch):
+    """Training dropout (GPT-2 / DT): on the embedded tokens, on the attention weights and on each
+    residual branch (before its add), all with p; a dropout that drops everything makes every
+    block the identity on its rows. Shapes: B=2, K=5 steps -> T = 3K - 1 = 14 tokens (a_K's is
+    left out), the last block's rows are the K states."""
+    args = tiny_args(dropout=0.3)
+    model = noisy_model(args).train()
+    seen = []
+
+    def drop_all(x, p, training):
+        seen.append((tuple(x.shape), p, training))
+        return torch.zeros_like(x)
+
+    monkeypatch.setattr(dt, "dropout", drop_all)
+    x = torch.randn(2, 14, 16)
+    for block in model.blocks:
+        torch.testing.assert_close(block(x), x)
+        torch.testing.assert_close(block(x, slice(1, None, 3)), x[:, 1::3])
+    seen.clear()
+    model(*random_batch(args))
+    att, tok = [(2, 2, 14, 14), (2, 14, 16), (2, 14, 16)], [(2, 15, 16)]
+    assert seen == [(shape, 0.3, True) for shape in
+                    tok + att + [(2, 2, 5, 14), (2, 5, 16), (2, 5, 16)]]
+
+
 def test_causality_and_read_tokens():
     """Step j's tokens change nothing before j; a_j is predicted without a_j but with R_j."""
     args = tiny_args()
@@ -312,7 +353,7 @@ def test_update_equals_reference_loop(tmp_path):
     common.set_seed(0)
     data = dt.TrajectoryData(common.load_dataset("hopper", path=path), args, torch.device("cpu"))
     model = dt.DecisionTransformer(11, 3, args).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-4, fused=True)  # 1 ulp
     gen, norms = torch.Generator().manual_seed(0), []
     for k in range(3):
         s, a, r, t, mask = data.sample(8, 4, gen)

@@ -87,7 +87,7 @@ def main(argv=None):
                    help="python of the venv with d3rlpy 2.8.1")
     p.add_argument("--data", default=None, help="hopper/medium .npz (default: seqrl's cache)")
     p.add_argument("--updates", type=int, default=20, help="timed updates per measurement")
-    p.add_argument("--rounds", type=int, default=2, help="alternating rounds (median reported)")
+    p.add_argument("--rounds", type=int, default=5, help="alternating rounds (median reported)")
     p.add_argument("--threads", type=int, default=2, help="torch threads for both")
     p.add_argument("--child", choices=["d3rlpy"], help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -117,9 +117,11 @@ def main(argv=None):
           f"{a.updates} updates x {a.rounds} rounds")
     for k, v in rates.items():
         print(f"  {k:12s} {med[k]:6.2f} updates/s  (rounds: {', '.join(f'{x:.2f}' for x in v)})")
-    base = med["d3rlpy fp32"]
-    print(f"  ratio dt.py fp32 / d3rlpy: {med['dt.py fp32'] / base:.2f}x, "
-          f"dt.py bf16 / d3rlpy: {med['dt.py bf16'] / base:.2f}x")
+    for k in ("dt.py fp32", "dt.py bf16"):  # paired by round: robust to the host's drift
+        r = [a / b for a, b in zip(rates[k], rates["d3rlpy fp32"])]
+        print(f"  ratio {k} / d3rlpy: {statistics.median(r):.2f}x median of rounds "
+              f"({', '.join(f'{x:.2f}' for x in r)}); "
+              f"of medians {med[k] / med['d3rlpy fp32']:.2f}x")
 
 
 if __name__ == "__main__":
