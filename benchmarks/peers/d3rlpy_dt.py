@@ -2,7 +2,8 @@
 hopper/medium data, the same CPU and thread count, the official gym config for both (K=20,
 d=128, 3 layers, 1 head, ReLU, dropout 0.1, batch 64, AdamW 1e-4 / weight decay 1e-4, warmup 10k,
 clip 0.25, rewards / 1000, z-scored states); dt.py also with --bf16. The two alternate for
---rounds rounds; medians and ratios are printed. FLOPs for MFU: benchmarks/bench_dt.py.
+--rounds rounds; printed: the medians, and each round's ratio (neighbours in time, so the host's
+drift cancels) with their median. FLOPs for MFU: benchmarks/bench_dt.py.
 
 d3rlpy 2.8.1 pins gymnasium 1.0.0, so it lives in its own venv (torch first, as a CPU wheel, so
 that pip never pulls a CUDA build):
