@@ -548,6 +548,8 @@ def main(argv=None) -> dict:
     gen = torch.Generator(device=device).manual_seed(args.seed)  # the batch sampler's stream
     run = common.Run(args, "dt", extra=data.stats(), model=model, optimizer=optimizer,
                      scheduler=scheduler, sampler=gen)
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs):  # --resume to a longer
+        group["lr"] = base * scheduler.lr_lambdas[0](scheduler.last_epoch)  # run: the new rate
     print(f"[dt] {args.env}: {len(data.lengths)} episodes, {data.lengths.sum():d} steps, {device}")
     out = {}
     for step in run.loop(args.total_steps):

@@ -473,6 +473,19 @@ def test_resume_eval_only_and_checkpoint(tiny_dataset, tmp_path):
     assert ev["eval/return_mean"] == pytest.approx(straight["eval/return_mean"], abs=1e-9)
 
 
+def test_resume_a_decayed_run_to_more_updates(tiny_dataset):
+    """A run whose rate decayed to 0, resumed to a larger --total-steps, trains from its first
+    resumed update (at the new schedule's rate, not the saved 0)."""
+    flags = TINY + ["--dataset-path", str(tiny_dataset("hopper", "medium")), "--eval-every", "6",
+                    "--warmup-steps", "0", "--decay-steps", "3", "--dropout", "0"]
+    ck = Path(dt.main(flags + ["--total-steps", "6"])["run_dir"]) / "checkpoint.pt"
+    before = common.load_checkpoint(ck, "dt")["model"]
+    dt.main(["--resume", str(ck), "--total-steps", "7", "--eval-every", "7", "--no-cuda"])
+    after = common.load_checkpoint(ck, "dt")
+    assert after["step"] == 7
+    assert any(not torch.equal(before[k], after["model"][k]) for k in before)
+
+
 def test_load_policy_two_files(tiny_dataset, tmp_path):
     """Copy only dt.py and common.py, load the checkpoint there, act in Hopper-v5: finite
     actions of shape (3,), equal to the same policy's actions in this process."""
