@@ -225,6 +225,20 @@ def test_dropout_places(monkeypatch):
                     tok + att + [(2, 2, 5, 14), (2, 5, 16), (2, 5, 16)]]
 
 
+def test_attention_paths_equal(monkeypatch):
+    """The written-out attention (CPU training with dropout) == the fused SDPA one (evaluation,
+    CUDA), here with dropout replaced by the identity; with a frame mask (MGDT) too."""
+    args = tiny_args(dropout=0.3)
+    block = noisy_model(args).blocks[0]
+    x = torch.randn(2, 14, 16)
+    mask = torch.ones(14, 14, dtype=torch.bool).tril() | (torch.arange(14)[:, None] < 4)
+    fused = [block.eval()(x), block(x, slice(1, None, 3)), block(x, mask=mask)]
+    monkeypatch.setattr(dt, "dropout", lambda x, p, training: x)
+    written = [block.train()(x), block(x, slice(1, None, 3)), block(x, mask=mask)]
+    for a, b in zip(fused, written):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
 def test_causality_and_read_tokens():
     """Step j's tokens change nothing before j; a_j is predicted without a_j but with R_j."""
     args = tiny_args()
