@@ -226,8 +226,9 @@ class Block(nn.Module):
         q, k, v = self.qkv(self.ln1(x)).split(d, dim=2)
         q, x = q[:, rows], x[:, rows]
         q, k, v = (z.view(B, z.shape[1], self.n_head, -1).transpose(1, 2) for z in (q, k, v))
-        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-        mask, p = (causal if mask is None else mask)[rows], self.p if self.training else 0.0
+        if mask is None:  # causal
+            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        mask, p = mask[rows], self.p if self.training else 0.0
         if p and x.device.type == "cpu":  # written out, for dt.dropout's cheaper CPU masks
             att = (q @ k.transpose(2, 3) / q.shape[-1] ** 0.5).masked_fill(~mask, -torch.inf)
             y = dropout(att.softmax(-1), p, True) @ v                  # (B, heads, T', d / heads)
